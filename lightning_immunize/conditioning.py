@@ -1,0 +1,383 @@
+r"""Condition numbers and the two spectral regularizers, in float64 (SPEC §2–§4).
+
+Everything here works on a symmetric matrix ``S`` of shape ``(..., K, K)`` (a leading batch of
+matrices is allowed) or on a feature batch ``Z`` of shape ``(..., B, K)`` with ``S = ZᵀZ``.
+Inputs of any floating dtype are promoted to float64; results are float64 and gradients flow
+back to the input in its own dtype.
+
+**Which eigenvalues count** (SPEC §2). Singular values of a symmetric ``S`` are ``|λ_i|``.
+
+* tolerance rule (default): ``σ_i`` counts when ``σ_i > rtol · σ_max`` with
+  ``rtol = K · eps(float64)`` (NumPy's ``matrix_rank`` rule, ``K`` the side of ``S``);
+* input-rank rule: ``rank=r`` keeps the top ``r`` singular values whatever their size; use
+  :func:`data_rank` on the inputs of a linear extractor to get ``r``.
+
+**Regularizers** (SPEC §3), on the kept ``σ_1 ≥ … ≥ σ_k``:
+
+* ``R_min(S) = ½σ_1² − (1/2k)·Σσ_i²`` with ``∇_S R_min = σ_1 u_1u_1ᵀ − S_k/k``;
+* ``d(S) = (1/2k)·Σσ_i² − ½σ_k²``, ``R_max(S) = 1/(d + δ)`` with
+  ``∇_S R_max = (σ_k u_ku_kᵀ − S_k/k)/(d + δ)²``,
+
+where ``S_k`` is ``S`` restricted to the kept eigenpairs (``= S`` when the rest are zero) and
+``δ = floor · σ_1²`` (``floor = 1e-12`` by default) keeps ``R_max`` finite on an all-equal
+spectrum; ``δ`` is treated as a constant in the gradient, so the gradient there is still the
+direction that spreads the spectrum. Both are computed with one ``eigh`` in the forward pass
+and the closed-form gradient in the backward pass.
+
+**Repeated extreme eigenvalues.** When ``σ_1`` (or ``σ_k``) is repeated, ``u uᵀ`` is not
+defined; we use the minimum-norm subgradient, the average ``P/m`` of the projector ``P`` onto
+the ``m``-dimensional eigenspace (eigenvalues within ``1e-10 · σ_max`` of the extreme one count
+as repeated). It is finite, symmetric and independent of the eigenvector basis.
+
+**Gram route** (SPEC §3). For ``Z`` with ``B < K`` the kept eigenvalues of ``ZᵀZ`` are those of
+``ZZᵀ`` (``B × B``), so ``feature_*`` functions pick the cheaper side automatically; the
+gradient w.r.t. ``Z`` is the same either way (``2 Z ∇_S R = 2 ∇_G R Z``).
+
+Example:
+    >>> import torch
+    >>> S = torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
+    >>> float(condition_number(S))
+    4.0
+    >>> float(r_min(S))  # ½·16 − (16 + 4 + 1)/6
+    4.5
+    >>> round(float(r_max(S)), 9)  # 1 / ((16 + 4 + 1)/6 − ½)
+    0.333333333
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "condition_number",
+    "data_rank",
+    "r_min",
+    "r_max",
+    "feature_condition_number",
+    "feature_r_min",
+    "feature_r_max",
+    "spectral_gradient",
+    "feature_spectral_gradient",
+]
+
+DTYPE = torch.float64
+EPS = torch.finfo(DTYPE).eps
+#: Relative gap under which two eigenvalues are treated as one repeated eigenvalue.
+CLUSTER_RTOL = 1e-10
+#: Default floor of R_max's denominator, relative to σ_max².
+RMAX_FLOOR = 1e-12
+_KINDS = ("r_min", "r_max")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_finite(t: Tensor, name: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = t[~torch.isfinite(t)].flatten()[0].item()
+        raise ValueError(f"{name} of shape {tuple(t.shape)} contains a non-finite value ({bad}).")
+
+
+def _check_square(S: Tensor) -> Tensor:
+    if not isinstance(S, Tensor):
+        raise TypeError(f"S must be a torch.Tensor, got {type(S).__name__}.")
+    if S.ndim < 2 or S.shape[-1] != S.shape[-2]:
+        raise ValueError(f"S must be a square matrix (..., K, K), got shape {tuple(S.shape)}.")
+    if S.shape[-1] == 0:
+        raise ValueError(f"S must be non-empty, got shape {tuple(S.shape)}.")
+    _check_finite(S, "S")
+    S64 = S.to(DTYPE)
+    scale = S64.abs().amax(dim=(-2, -1))
+    if (scale == 0).any():
+        raise ValueError(
+            f"S of shape {tuple(S.shape)} is all zero: its condition number is undefined."
+        )
+    asym = (S64 - S64.mT).abs().amax(dim=(-2, -1))
+    worst = (asym / scale).max().item()
+    if worst > 1e-8:
+        raise ValueError(
+            f"S must be symmetric; found a relative asymmetry of {worst:.3g} (tolerance 1e-8) "
+            f"in a matrix of shape {tuple(S.shape)}."
+        )
+    return S64
+
+
+def _check_features(Z: Tensor) -> Tensor:
+    if not isinstance(Z, Tensor):
+        raise TypeError(f"Z must be a torch.Tensor, got {type(Z).__name__}.")
+    if Z.ndim < 2:
+        raise ValueError(
+            f"Z must be a feature batch of shape (..., B, K), got shape {tuple(Z.shape)}."
+        )
+    if Z.shape[-1] == 0 or Z.shape[-2] == 0:
+        raise ValueError(f"Z must be non-empty, got shape {tuple(Z.shape)}.")
+    _check_finite(Z, "Z")
+    Z64 = Z.to(DTYPE)
+    if (Z64.abs().amax(dim=(-2, -1)) == 0).any():
+        raise ValueError(
+            f"Z of shape {tuple(Z.shape)} is all zero: its condition number is undefined."
+        )
+    return Z64
+
+
+def _check_rank(rank: int | None, limit: int) -> None:
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}.")
+
+
+def _default_rtol(rtol: float | None, side: int) -> float:
+    if rtol is None:
+        return side * EPS
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be a non-negative number, got {rtol!r}.")
+    return float(rtol)
+
+
+# --------------------------------------------------------------------------- spectrum
+
+
+def _kept(sigma: Tensor, rank: int | None, rtol: float) -> Tensor:
+    """Boolean mask of the kept singular values; ``sigma`` sorted ascending on the last dim."""
+    if rank is not None:
+        n = sigma.shape[-1]
+        idx = torch.arange(n, device=sigma.device)
+        return (idx >= n - rank).expand_as(sigma)
+    return sigma > rtol * sigma[..., -1:]
+
+
+def _sorted_spectrum(evals: Tensor, evecs: Tensor | None = None):
+    """Singular values ``|λ|`` sorted ascending, with the signed eigenvalues (and vectors)."""
+    sigma, order = evals.abs().sort(dim=-1)
+    lam = evals.gather(-1, order)
+    if evecs is None:
+        return sigma, lam, None
+    vecs = evecs.gather(-1, order.unsqueeze(-2).expand_as(evecs))
+    return sigma, lam, vecs
+
+
+def _condition_from_sigma(sigma: Tensor, keep: Tensor) -> Tensor:
+    smallest = torch.where(keep, sigma, torch.full_like(sigma, torch.inf)).amin(dim=-1)
+    return sigma[..., -1] / smallest
+
+
+def _regularizer(kind: str, sigma: Tensor, lam: Tensor, keep: Tensor, floor: float):
+    """Value of R and the coefficients ``c`` with ``∇_S R = Σ_i λ_i c_i q_i q_iᵀ``.
+
+    ``sigma``/``lam`` sorted ascending by ``|λ|``; ``keep`` the kept mask.
+    """
+    keepf = keep.to(sigma.dtype)
+    k = keepf.sum(-1, keepdim=True)
+    half_mean_sq = 0.5 * (keepf * sigma.square()).sum(-1, keepdim=True) / k
+    smax = sigma[..., -1:]
+    tol = CLUSTER_RTOL * smax
+    if kind == "r_min":
+        extreme = smax
+        value = (0.5 * smax.square() - half_mean_sq).clamp_min(0.0)  # ≥ 0 despite round-off
+        cluster = keep & ((sigma - extreme).abs() <= tol)
+        scale = torch.ones_like(value)
+    else:
+        extreme = torch.where(keep, sigma, torch.full_like(sigma, torch.inf)).amin(-1, keepdim=True)
+        d = half_mean_sq - 0.5 * extreme.square()
+        d = d.clamp_min(0.0) + floor * smax.square()
+        value = 1.0 / d
+        cluster = keep & ((sigma - extreme).abs() <= tol)
+        scale = 1.0 / d.square()
+    clusterf = cluster.to(sigma.dtype)
+    coef = (clusterf / clusterf.sum(-1, keepdim=True) - keepf / k) * scale
+    # R_min: ∇ = σ_1 P/m − S_k/k ; R_max: ∇ = −∇d/d² = (σ_k P/m − S_k/k)/d².
+    return value.squeeze(-1), coef
+
+
+def _spectral_parts(S64: Tensor, kind: str, rank: int | None, rtol: float, floor: float):
+    evals, evecs = torch.linalg.eigh(S64)
+    sigma, lam, vecs = _sorted_spectrum(evals, evecs)
+    keep = _kept(sigma, rank, rtol)
+    value, coef = _regularizer(kind, sigma, lam, keep, floor)
+    return value, coef, lam, vecs
+
+
+class _SpectralRegularizer(torch.autograd.Function):
+    """Forward: one ``eigh``; backward: the closed-form gradient ``Q diag(λ∘c) Qᵀ``."""
+
+    @staticmethod
+    def forward(ctx, S64: Tensor, kind: str, rank: int | None, rtol: float, floor: float):
+        value, coef, lam, vecs = _spectral_parts(S64, kind, rank, rtol, floor)
+        ctx.save_for_backward(coef * lam, vecs)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weights, vecs = ctx.saved_tensors
+        grad = (vecs * (weights * grad_out.unsqueeze(-1)).unsqueeze(-2)) @ vecs.mT
+        return grad, None, None, None, None
+
+
+def _symmetrize(S64: Tensor) -> Tensor:
+    return 0.5 * (S64 + S64.mT)
+
+
+def _apply(kind: str, S64: Tensor, rank: int | None, rtol: float, floor: float) -> Tensor:
+    return _SpectralRegularizer.apply(_symmetrize(S64), kind, rank, rtol, floor)
+
+
+# --------------------------------------------------------------------------- matrix API
+
+
+def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
+    """Numerical rank of a data matrix ``X`` (N×D) by the tolerance rule of SPEC §2.
+
+    ``bias=True`` appends a column of ones first (for an extractor with a bias term). Use it
+    as ``rank=`` for the input-rank rule.
+
+    >>> data_rank(torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]]))
+    1
+    """
+    if not isinstance(X, Tensor) or X.ndim != 2 or X.numel() == 0:
+        shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+        raise ValueError(f"X must be a non-empty data matrix of shape (N, D), got {shape}.")
+    _check_finite(X, "X")
+    X64 = X.detach().to(DTYPE)
+    if bias:
+        X64 = torch.cat([X64, torch.ones_like(X64[:, :1])], dim=1)
+    sv = torch.linalg.svdvals(X64)
+    if sv[0] == 0:
+        return 0
+    tol = _default_rtol(rtol, max(X64.shape))
+    return int((sv > tol * sv[0]).sum())
+
+
+def condition_number(S: Tensor, rtol: float | None = None, rank: int | None = None) -> Tensor:
+    """κ(S) = σ_max / σ_min⁺ of a symmetric ``S`` (..., K, K), float64, differentiable.
+
+    ``rank`` keeps the top ``rank`` singular values (input-rank rule); otherwise the tolerance
+    rule with ``rtol`` (default ``K·eps``). Gradients flow through ``eigvalsh``.
+
+    >>> float(condition_number(torch.diag(torch.tensor([9.0, 3.0, 0.0]))))
+    3.0
+    >>> float(condition_number(torch.diag(torch.tensor([9.0, 3.0, 1e-3])), rank=2))
+    3.0
+    """
+    S64 = _check_square(S)
+    _check_rank(rank, S.shape[-1])
+    sigma, _, _ = _sorted_spectrum(torch.linalg.eigvalsh(_symmetrize(S64)))
+    keep = _kept(sigma, rank, _default_rtol(rtol, S.shape[-1]))
+    return _condition_from_sigma(sigma, keep)
+
+
+def r_min(S: Tensor, rank: int | None = None, rtol: float | None = None) -> Tensor:
+    """R_min(S) = ½σ_1² − (1/2k)Σσ_i² (≥ 0, = 0 iff the kept σ_i are equal); shape ``(...)``.
+
+    >>> S = torch.eye(3, dtype=torch.float64)
+    >>> float(r_min(S))
+    0.0
+    """
+    S64 = _check_square(S)
+    _check_rank(rank, S.shape[-1])
+    return _apply("r_min", S64, rank, _default_rtol(rtol, S.shape[-1]), RMAX_FLOOR)
+
+
+def r_max(
+    S: Tensor, rank: int | None = None, rtol: float | None = None, floor: float = RMAX_FLOOR
+) -> Tensor:
+    """R_max(S) = 1/(d(S) + δ), d = (1/2k)Σσ_i² − ½σ_k², δ = ``floor``·σ_1²; shape ``(...)``.
+
+    >>> round(float(r_max(torch.diag(torch.tensor([3.0, 1.0])))), 9)  # d = (9 + 1)/4 − ½
+    0.5
+    """
+    S64 = _check_square(S)
+    _check_rank(rank, S.shape[-1])
+    return _apply("r_max", S64, rank, _default_rtol(rtol, S.shape[-1]), floor)
+
+
+def spectral_gradient(
+    S: Tensor,
+    kind: str,
+    rank: int | None = None,
+    rtol: float | None = None,
+    floor: float = RMAX_FLOOR,
+) -> tuple[Tensor, Tensor]:
+    """``(R(S), ∇_S R)`` for ``kind`` in ``{"r_min", "r_max"}`` without autograd.
+
+    Returns the value ``(...)`` and the symmetric gradient ``(..., K, K)``, both float64.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
+    S64 = _check_square(S).detach()
+    _check_rank(rank, S.shape[-1])
+    value, coef, lam, vecs = _spectral_parts(
+        _symmetrize(S64), kind, rank, _default_rtol(rtol, S.shape[-1]), floor
+    )
+    return value, (vecs * (coef * lam).unsqueeze(-2)) @ vecs.mT
+
+
+# --------------------------------------------------------------------------- feature API
+
+
+def _use_gram(Z: Tensor) -> bool:
+    return Z.shape[-2] < Z.shape[-1]
+
+
+def _feature_matrix(Z64: Tensor) -> Tensor:
+    """``ZZᵀ`` (B×B) when ``B < K`` (Gram route), else ``ZᵀZ`` (K×K)."""
+    return Z64 @ Z64.mT if _use_gram(Z64) else Z64.mT @ Z64
+
+
+def _feature_args(Z: Tensor, rank: int | None, rtol: float | None) -> tuple[Tensor, float]:
+    Z64 = _check_features(Z)
+    _check_rank(rank, min(Z.shape[-2], Z.shape[-1]))
+    # The tolerance is that of S = ZᵀZ (side K) on either route, so both routes agree.
+    return Z64, _default_rtol(rtol, Z.shape[-1])
+
+
+def feature_condition_number(
+    Z: Tensor, rtol: float | None = None, rank: int | None = None
+) -> Tensor:
+    """κ(ZᵀZ) of a feature batch ``Z`` (..., B, K), by the cheaper of the two routes.
+
+    >>> Z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    >>> float(feature_condition_number(Z))
+    4.0
+    """
+    Z64, tol = _feature_args(Z, rank, rtol)
+    sigma, _, _ = _sorted_spectrum(torch.linalg.eigvalsh(_feature_matrix(Z64)))
+    return _condition_from_sigma(sigma, _kept(sigma, rank, tol))
+
+
+def feature_r_min(Z: Tensor, rank: int | None = None, rtol: float | None = None) -> Tensor:
+    """R_min(ZᵀZ) for a feature batch ``Z`` (..., B, K); gradients flow to ``Z``."""
+    Z64, tol = _feature_args(Z, rank, rtol)
+    return _apply("r_min", _feature_matrix(Z64), rank, tol, RMAX_FLOOR)
+
+
+def feature_r_max(
+    Z: Tensor, rank: int | None = None, rtol: float | None = None, floor: float = RMAX_FLOOR
+) -> Tensor:
+    """R_max(ZᵀZ) for a feature batch ``Z`` (..., B, K); gradients flow to ``Z``."""
+    Z64, tol = _feature_args(Z, rank, rtol)
+    return _apply("r_max", _feature_matrix(Z64), rank, tol, floor)
+
+
+def feature_spectral_gradient(
+    Z: Tensor,
+    kind: str,
+    rank: int | None = None,
+    rtol: float | None = None,
+    floor: float = RMAX_FLOOR,
+) -> tuple[Tensor, Tensor]:
+    """``(R(ZᵀZ), ∇_S R)`` with ``∇_S R`` of shape (..., K, K), by the cheaper route.
+
+    On the Gram route ``∇_S R = Zᵀ A diag(c) Aᵀ Z`` with ``(μ, A)`` the eigenpairs of ``ZZᵀ``:
+    an eigenvector ``a`` of ``ZZᵀ`` maps to ``u = Zᵀa/√μ`` and ``λ_i u_i u_iᵀ = Zᵀ a_i a_iᵀ Z``.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
+    Z64, tol = _feature_args(Z, rank, rtol)
+    Z64 = Z64.detach()
+    if not _use_gram(Z64):
+        return spectral_gradient(Z64.mT @ Z64, kind, rank=rank, rtol=tol, floor=floor)
+    value, coef, _, vecs = _spectral_parts(_symmetrize(Z64 @ Z64.mT), kind, rank, tol, floor)
+    ZtA = Z64.mT @ vecs
+    return value, (ZtA * coef.unsqueeze(-2)) @ ZtA.mT
