@@ -229,6 +229,9 @@ def _apply(kind: str, S64: Tensor, rank: int | None, rtol: float, floor: float) 
 def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     """Numerical rank of a data matrix ``X`` (N×D) by the tolerance rule of SPEC §2.
 
+    The default ``rtol`` is ``max(N, D)·eps`` with the eps of ``X``'s own dtype (float64 for
+    float64 data, as NumPy's ``matrix_rank`` does): float32 data do not resolve finer.
+
     ``bias=True`` appends a column of ones first (for an extractor with a bias term). Use it
     as ``rank=`` for the input-rank rule.
 
@@ -245,7 +248,10 @@ def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     sv = torch.linalg.svdvals(X64)
     if sv[0] == 0:
         return 0
-    tol = _default_rtol(rtol, max(X64.shape))
+    # Data stored in a lower precision cannot resolve directions below its own eps: an exact
+    # linear dependency rounded to float32 leaves a singular value near 1e-8·σ_max.
+    eps = max(EPS, torch.finfo(X.dtype).eps) if X.dtype.is_floating_point else EPS
+    tol = max(X64.shape) * eps if rtol is None else _default_rtol(rtol, max(X64.shape))
     return int((sv > tol * sv[0]).sum())
 
 
@@ -366,9 +372,12 @@ def feature_spectral_gradient(
     rank: int | None = None,
     rtol: float | None = None,
     floor: float = RMAX_FLOOR,
+    left: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(R(ZᵀZ), ∇_S R)`` with ``∇_S R`` of shape (..., K, K), by the cheaper route.
 
+    With ``left`` (D×K) the second item is ``left @ ∇_S R`` (D×K) instead, which the Gram route
+    computes without forming the K×K matrix (the exact preconditioner ``2θ∇_S R`` uses it).
     On the Gram route ``∇_S R = Zᵀ A diag(c) Aᵀ Z`` with ``(μ, A)`` the eigenpairs of ``ZZᵀ``:
     an eigenvector ``a`` of ``ZZᵀ`` maps to ``u = Zᵀa/√μ`` and ``λ_i u_i u_iᵀ = Zᵀ a_i a_iᵀ Z``.
     """
@@ -377,7 +386,10 @@ def feature_spectral_gradient(
     Z64, tol = _feature_args(Z, rank, rtol)
     Z64 = Z64.detach()
     if not _use_gram(Z64):
-        return spectral_gradient(Z64.mT @ Z64, kind, rank=rank, rtol=tol, floor=floor)
+        value, grad_S = spectral_gradient(Z64.mT @ Z64, kind, rank=rank, rtol=tol, floor=floor)
+        return value, grad_S if left is None else left.detach().to(DTYPE) @ grad_S
     value, coef, _, vecs = _spectral_parts(_symmetrize(Z64 @ Z64.mT), kind, rank, tol, floor)
-    ZtA = Z64.mT @ vecs
-    return value, (ZtA * coef.unsqueeze(-2)) @ ZtA.mT
+    AtZ = vecs.mT @ Z64
+    if left is None:
+        return value, (AtZ.mT * coef.unsqueeze(-2)) @ AtZ
+    return value, ((left.detach().to(DTYPE) @ Z64.mT) @ vecs * coef.unsqueeze(-2)) @ AtZ

@@ -380,6 +380,9 @@ class TimmBackbone(nn.Module):
         if self._trainable_prefixes is not None:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(self._matches(name, self._trainable_prefixes))
+        # Lightning ≥ 2.2 keeps each sub-module's mode as found at fit start, so frozen parts
+        # must already be in eval mode here, not only after the next ``train()`` call.
+        self.train(self.training)
 
     # ------------------------------------------------------------------ construction
     def _load_checkpoint(self, path: str | os.PathLike[str], classifier: nn.Module) -> None:

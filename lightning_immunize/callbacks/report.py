@@ -1,0 +1,138 @@
+"""End-of-fit immunization report: RIR on the training split, written to ``immunization.json``.
+
+Contract with the model: it has an ``extractor`` (inputs → features) and, for the task metric,
+a ``head`` with ``metric(output, target)`` and ``metric_name``; the datamodule has
+``full_tensors(split)`` returning ``(X_P, y_P, X_H, y_H)``.
+
+For a :class:`~lightning_immunize.models.LinearExtractor` the reference is the identity
+(SPEC §6, Eq. 15, input-rank rule). For any other extractor it is the extractor as it was when
+fit started (``θ_0``, Eq. 17), κ by the tolerance rule on the full features.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lightning_immunize.conditioning import feature_condition_number
+from lightning_immunize.metrics import (
+    extract_features,
+    immunization_ratios,
+    linear_immunization_ratios,
+)
+from lightning_immunize.models import LinearExtractor
+
+__all__ = ["immunization_report", "format_report", "ImmunizationReport"]
+
+REPORT_NAME = "immunization.json"
+
+
+@torch.no_grad()
+def immunization_report(
+    module: pl.LightningModule,
+    datamodule: Any,
+    split: str = "train",
+    reference_extractor: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """RIR figures of ``module.extractor`` on ``datamodule``'s ``split`` plus the task metric."""
+    extractor = module.extractor
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        X_P, y_P, X_H, _ = datamodule.full_tensors(split)
+        if isinstance(extractor, LinearExtractor):
+            report = linear_immunization_ratios(extractor, X_P, X_H)
+        else:
+            if reference_extractor is None:
+                raise ValueError(
+                    "a non-linear extractor needs reference_extractor (θ_0) for its RIR."
+                )
+            reference_extractor.eval()
+            kappas = [
+                float(feature_condition_number(extract_features(net, X)))
+                for X in (X_P, X_H)
+                for net in (extractor, reference_extractor)
+            ]
+            report = immunization_ratios(kappas[0], kappas[2], kappas[1], kappas[3])
+        report["split"] = split
+        head = getattr(module, "head", None)
+        if head is not None and hasattr(head, "metric"):
+            try:
+                X_m, y_m, _, _ = datamodule.full_tensors("val")
+                report["task_split"] = "val"
+            except ValueError:
+                X_m, y_m, report["task_split"] = X_P, y_P, split
+            param = next(head.parameters())
+            output = head(extract_features(extractor, X_m).to(param.device, param.dtype))
+            report["task_metric"] = float(head.metric(output, y_m.to(param.device)))
+            report["task_metric_name"] = head.metric_name
+    finally:
+        extractor.train(was_training)
+    objective = getattr(module, "objective", None)
+    if objective is not None:
+        report["method"] = objective.name
+        report["objective"] = objective.hyperparameters()
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short plain-text table of the report's main figures."""
+    rows = [
+        ("RIR", report["rir"]),
+        ("ratio_harmful (want > 1)", report["ratio_harmful"]),
+        ("ratio_pretrain (want ≤ 1)", report["ratio_pretrain"]),
+        ("kappa_harmful", report["kappa_harmful"]),
+        ("kappa_harmful_reference", report["kappa_harmful_reference"]),
+        ("kappa_pretrain", report["kappa_pretrain"]),
+        ("kappa_pretrain_reference", report["kappa_pretrain_reference"]),
+    ]
+    if "task_metric" in report:
+        rows.append(
+            (f"task {report['task_metric_name']} ({report['task_split']})", report["task_metric"])
+        )
+    if "seconds" in report:
+        rows.append(("seconds", report["seconds"]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value:.6g}" for name, value in rows]
+    lines.append(f"{'immunized':<{width}}  {'yes' if report['immunized'] else 'no'}")
+    return "\n".join(lines)
+
+
+class ImmunizationReport(pl.Callback):
+    """Writes ``immunization.json`` into ``trainer.log_dir`` (or ``dirpath``) at the end of fit
+    and logs the table. Keeps a copy of the extractor at fit start as θ_0 for deep models."""
+
+    def __init__(self, dirpath: str | None = None, split: str = "train") -> None:
+        self.dirpath = dirpath
+        self.split = split
+        self._start: float | None = None
+        self._reference: torch.nn.Module | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        if not isinstance(pl_module.extractor, LinearExtractor):
+            self._reference = copy.deepcopy(pl_module.extractor)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = immunization_report(
+            pl_module, trainer.datamodule, self.split, reference_extractor=self._reference
+        )
+        if self._start is not None:
+            report["seconds"] = time.perf_counter() - self._start
+        self.report = report
+        self._write(trainer, report)
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
+        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / REPORT_NAME
+        path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        rank_zero_info(f"Immunization report ({path}):\n{format_report(report)}")

@@ -1,0 +1,221 @@
+"""Kaggle House Prices regression pair (SPEC §8, "House prices").
+
+Column decision
+---------------
+``train.csv`` has 81 columns: ``Id``, 79 explanatory columns and ``SalePrice``. The two
+tasks have different targets (``D_H``: ``SalePrice``, ``D_P``: ``LotArea``), and one linear
+extractor must apply to both, so both splits use the **same** feature columns: every column
+except the two targets. That is 81 − 2 = **79** columns (``Id`` and ``MSZoning`` included),
+which matches the paper's "input vectors of dimension 79" while never feeding a split its
+own target (``LotArea`` is not a ``D_P`` feature, ``SalePrice`` not a ``D_H`` feature).
+``MSZoning`` is constant (``"RL"``) inside ``D_H``, so it standardizes to a zero column
+there; ``Id`` is the row number. Both can be removed with ``drop_columns=("Id", "MSZoning")``
+(``D`` becomes 77).
+
+Preprocessing, per split (``D_P`` and ``D_H`` separately, over all rows of the split by
+default): missing values → 0 (for categorical columns: the category ``"0"`` before
+encoding), categorical (non-numeric) columns → integer codes of their sorted categories
+(as sklearn's ``LabelEncoder``), then every feature column and the target standardized with
+the split's mean and population standard deviation (``ddof=0``); a constant column (std 0)
+stays 0 after centering. Train = the first ``train_rows`` rows of each split (file order),
+validation = the next ``val_rows``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import TensorDataset
+
+from .base import PairedDataModule
+
+__all__ = ["HousePricesDataModule", "encode_and_standardize"]
+
+STANDARDIZE_ON = ("split", "train")
+
+
+def encode_and_standardize(
+    frame: pd.DataFrame,
+    feature_columns: Sequence[str],
+    target: str,
+    stats_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes and standardizes one split.
+
+    Args:
+        frame: the split's rows.
+        feature_columns: columns forming the features, in order.
+        target: target column (numeric).
+        stats_rows: compute mean/std on the first ``stats_rows`` rows only (``None``: all).
+
+    Returns:
+        ``(X, y)``: float64 arrays of shapes ``(N, len(feature_columns))`` and ``(N,)``.
+    """
+    cols: list[np.ndarray] = []
+    for name in feature_columns:
+        col = frame[name]
+        if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+            cols.append(col.astype("float64").fillna(0.0).to_numpy())
+        else:
+            values = np.array(["0" if pd.isna(v) else str(v) for v in col.tolist()], dtype=object)
+            _, codes = np.unique(values, return_inverse=True)
+            cols.append(codes.astype(np.float64))
+    x = np.stack(cols, axis=1) if cols else np.zeros((len(frame), 0))
+    y = frame[target].astype("float64").fillna(0.0).to_numpy()
+    ref = slice(None) if stats_rows is None else slice(0, stats_rows)
+    return _standardize(x, ref), _standardize(y[:, None], ref)[:, 0]
+
+
+def _standardize(a: np.ndarray, ref: slice) -> np.ndarray:
+    mean = a[ref].mean(axis=0)
+    std = a[ref].std(axis=0)
+    centered = a - mean
+    safe = np.where(std > 0, std, 1.0)
+    return np.where(std > 0, centered / safe, 0.0)
+
+
+class HousePricesDataModule(PairedDataModule):
+    """House Prices pair: ``D_H`` = ``MSZoning == "RL"`` rows → ``SalePrice``; ``D_P`` = the
+    other rows → ``LotArea`` (see the module docstring for the column decision).
+
+    Samples are ``x`` float32 of shape ``(D,)`` (``D = 79`` by default) and ``y`` a float32
+    scalar; ``task == "regression"``, ``num_classes is None``.
+
+    Args:
+        csv_path: path of Kaggle's ``train.csv`` (relative paths: against the working dir).
+        train_rows: rows of each split used for training (first ones, file order).
+        val_rows: following rows used for validation (0: no validation; ``None``: all the
+            remaining rows).
+        batch_size: per-side batch size (>= 2).
+        zone_column: column whose value splits the data.
+        harmful_zone: value of ``zone_column`` selecting ``D_H``.
+        pretrain_target: target column of ``D_P``.
+        harmful_target: target column of ``D_H``.
+        drop_columns: extra columns to leave out of the features (e.g. ``("Id",)``).
+        standardize_on: ``"split"`` (statistics over all rows of the split, as the
+            reference) or ``"train"`` (over the training rows only).
+        mode: training CombinedLoader mode.
+        num_workers: DataLoader workers.
+        shuffle: shuffle training loaders.
+        seed: seed of the training shuffles.
+        drop_last: drop the last incomplete training batch.
+        dtype: ``"float64"`` (default) or ``"float32"``. Several columns are exact sums of
+            others (e.g. ``TotalBsmtSF``); rounded to float32 such a dependency leaves a
+            spurious singular value near 1e-8·σ_max that the SPEC §2 rank rule in float64
+            would count, inflating κ(Σ) to ~1e16. Float64 keeps the dependency exact.
+
+    """
+
+    def __init__(
+        self,
+        csv_path: str | Path = "../shared/data/house-prices/train.csv",
+        train_rows: int = 200,
+        val_rows: int | None = 100,
+        batch_size: int = 64,
+        zone_column: str = "MSZoning",
+        harmful_zone: str = "RL",
+        pretrain_target: str = "LotArea",
+        harmful_target: str = "SalePrice",
+        drop_columns: Sequence[str] = (),
+        standardize_on: str = "split",
+        mode: str = "max_size_cycle",
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        dtype: str = "float64",
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            mode=mode,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            task="regression",
+            num_classes=None,
+        )
+        if train_rows < 2:
+            raise ValueError(f"train_rows must be >= 2, got {train_rows}")
+        if val_rows is not None and val_rows < 0:
+            raise ValueError(f"val_rows must be >= 0 or None, got {val_rows}")
+        if standardize_on not in STANDARDIZE_ON:
+            raise ValueError(
+                f"unknown standardize_on {standardize_on!r}; valid: {list(STANDARDIZE_ON)}"
+            )
+        self.csv_path = Path(csv_path)
+        self.train_rows = train_rows
+        self.val_rows = val_rows
+        self.zone_column = zone_column
+        self.harmful_zone = harmful_zone
+        self.pretrain_target = pretrain_target
+        self.harmful_target = harmful_target
+        self.drop_columns = tuple(drop_columns)
+        self.standardize_on = standardize_on
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.dtype = getattr(torch, dtype)
+        self._feature_columns: list[str] = []
+        self.save_hyperparameters()
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """Feature column names, in order (builds the data on first access)."""
+        self._ensure_built()
+        return list(self._feature_columns)
+
+    def _build(self) -> None:
+        if not self.csv_path.is_file():
+            raise FileNotFoundError(
+                f"House Prices CSV not found: {self.csv_path} (expected Kaggle's "
+                f"'House Prices - Advanced Regression Techniques' train.csv; nothing is "
+                f"downloaded)"
+            )
+        df = pd.read_csv(self.csv_path)
+        required = [self.zone_column, self.pretrain_target, self.harmful_target]
+        required += list(self.drop_columns)
+        missing = [c for c in dict.fromkeys(required) if c not in df.columns]
+        if missing:
+            raise ValueError(f"{self.csv_path}: missing required column(s) {missing}")
+        for target in (self.pretrain_target, self.harmful_target):
+            if not pd.api.types.is_numeric_dtype(df[target]):
+                raise ValueError(f"{self.csv_path}: target column {target!r} is not numeric")
+        excluded = {self.pretrain_target, self.harmful_target, *self.drop_columns}
+        self._feature_columns = [c for c in df.columns if c not in excluded]
+        self._set_input_dim(len(self._feature_columns))
+
+        is_harmful = df[self.zone_column].astype(str) == str(self.harmful_zone)
+        splits = {
+            "pretrain": (df[~is_harmful].reset_index(drop=True), self.pretrain_target),
+            "harmful": (df[is_harmful].reset_index(drop=True), self.harmful_target),
+        }
+        datasets: dict[str, tuple[TensorDataset, TensorDataset | None]] = {}
+        for side, (frame, target) in splits.items():
+            n = len(frame)
+            if n == 0:
+                op = "==" if side == "harmful" else "!="
+                raise ValueError(
+                    f"the {side} dataset is empty: no row of {self.csv_path} has "
+                    f"{self.zone_column} {op} {self.harmful_zone!r}"
+                )
+            n_val = n - self.train_rows if self.val_rows is None else self.val_rows
+            if self.train_rows + n_val > n:
+                raise ValueError(
+                    f"the {side} split has {n} rows, fewer than train_rows + val_rows = "
+                    f"{self.train_rows} + {n_val}"
+                )
+            stats_rows = self.train_rows if self.standardize_on == "train" else None
+            x, y = encode_and_standardize(frame, self._feature_columns, target, stats_rows)
+            xt = torch.from_numpy(x).to(self.dtype)
+            yt = torch.from_numpy(y).to(self.dtype)
+            tr = slice(0, self.train_rows)
+            va = slice(self.train_rows, self.train_rows + n_val)
+            train = TensorDataset(xt[tr], yt[tr])
+            val = TensorDataset(xt[va], yt[va]) if n_val > 0 else None
+            datasets[side] = (train, val)
+        self.pretrain, self.val_pretrain = datasets["pretrain"]
+        self.harmful, self.val_harmful = datasets["harmful"]

@@ -1,0 +1,404 @@
+r"""The :class:`ImmunizationModule` and its pluggable objectives (SPEC §5, Algorithm 1).
+
+One training step, with manual optimization::
+
+    zero_grad
+    objective.backward(module, batch)   # task loss on D_P + the objective's regularizer terms,
+                                        # each regularizer gradient preconditioned (SPEC §5)
+    clip gradients; optimizer.step(); scheduler.step()
+
+The training loop knows nothing of the objective's maths: baselines (``rmax_only``, ``opt``,
+``imma``, ...) are other :class:`Objective` classes, selected in the config.
+
+**Covariance scale.** Regularizers see the batch-mean feature covariance ``S = ZᵀZ/B`` (the
+convention of SPEC §10), so λ values do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_immunize.conditioning import (
+    data_rank,
+    feature_condition_number,
+    feature_r_max,
+    feature_r_min,
+    feature_spectral_gradient,
+)
+from lightning_immunize.models import LinearExtractor
+from lightning_immunize.preconditioning import check_mode, preconditioning
+
+__all__ = [
+    "Objective",
+    "ObjectiveOutput",
+    "ConditionNumberObjective",
+    "ImmunizationModule",
+    "OBJECTIVES",
+    "make_objective",
+]
+
+SIDES = ("pretrain", "harmful")
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective reports for one step: the task loss and scalars to log."""
+
+    loss: Tensor
+    logs: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class of immunization objectives.
+
+    An objective owns the maths of one step: :meth:`backward` computes the task loss on the
+    D_P batch and every regularizer term, and leaves the (preconditioned) gradients in the
+    parameters' ``.grad`` by calling ``module.manual_backward`` or by adding to ``.grad``.
+    """
+
+    #: Name used in configs (``method:``), reports and exported metadata.
+    name: str = "objective"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The objective's settings, for logs and exported metadata."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        raise NotImplementedError
+
+
+def _check_lambda(name: str, value: float) -> float:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}.")
+    return float(value)
+
+
+class ConditionNumberObjective(Objective):
+    r"""Ours (Eq. 11): ``L(D_P) + λ_P·R_min(S_P) + λ_H·R_max(S_H)``.
+
+    Args:
+        lambda_pretrain: ``λ_P ≥ 0`` (``0`` gives the ``rmax_only`` baseline).
+        lambda_harmful: ``λ_H ≥ 0``.
+        preconditioner: ``"exact"`` (``2θ∇_S R``; linear extractors only), ``"ridge"``
+            (layer-wise ``(Σ+ρI)⁻¹`` on every ``PreconditionedLinear`` of the extractor),
+            ``"none"``, or ``"auto"`` (``exact`` for a :class:`LinearExtractor`, else ``none``).
+        ridge: relative ridge ``ρ`` of the ``ridge`` mode (set on the extractor's layers).
+        rank_rule: ``"input"`` (SPEC §2 input-rank rule: κ over the top ``rank(X_batch)``
+            eigenvalues; linear extractors), ``"tolerance"``, or ``"auto"`` (``input`` for a
+            :class:`LinearExtractor`, else ``tolerance``).
+    """
+
+    name = "ours"
+
+    def __init__(
+        self,
+        lambda_pretrain: float = 1.0,
+        lambda_harmful: float = 1.0,
+        preconditioner: str = "auto",
+        ridge: float = 1e-3,
+        rank_rule: str = "auto",
+    ) -> None:
+        self.lambda_pretrain = _check_lambda("lambda_pretrain", lambda_pretrain)
+        self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
+        if preconditioner != "auto":
+            check_mode(preconditioner)
+        if rank_rule not in ("auto", "input", "tolerance"):
+            raise ValueError(
+                f"Unknown rank_rule {rank_rule!r}; expected 'auto', 'input' or 'tolerance'."
+            )
+        if not ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {ridge!r}.")
+        self.preconditioner = preconditioner
+        self.ridge = float(ridge)
+        self.rank_rule = rank_rule
+
+    # -- resolved settings ------------------------------------------------------------------
+
+    def mode_for(self, extractor: nn.Module) -> str:
+        linear = isinstance(extractor, LinearExtractor)
+        mode = self.preconditioner
+        if mode == "auto":
+            return "exact" if linear else "none"
+        if mode == "exact" and not linear:
+            raise ValueError(
+                "preconditioner 'exact' needs a LinearExtractor (it uses 2·θ·∇_S R); got "
+                f"{type(extractor).__name__}. Use 'ridge' (layer-wise, nn.Linear layers) or 'none'."
+            )
+        return mode
+
+    def rank_for(self, extractor: nn.Module, x: Tensor, width: int) -> int | None:
+        """The rank at which κ and the regularizers are taken for input batch ``x``."""
+        rule = self.rank_rule
+        if rule == "auto":
+            rule = "input" if isinstance(extractor, LinearExtractor) else "tolerance"
+        if rule == "tolerance":
+            return None
+        rank = min(data_rank(x.reshape(x.shape[0], -1)), x.shape[0], width)
+        if rank == 0:
+            raise ValueError(f"the input batch of shape {tuple(x.shape)} has rank 0.")
+        return rank
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def terms(self) -> list[tuple[str, str, float]]:
+        """``(side, regularizer, λ)`` of the active terms."""
+        terms = [
+            ("pretrain", "r_min", self.lambda_pretrain),
+            ("harmful", "r_max", self.lambda_harmful),
+        ]
+        return [t for t in terms if t[2] > 0]
+
+    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        extractor = module.extractor
+        mode = self.mode_for(extractor)
+        x = {side: batch[side][0] for side in SIDES}
+        z = {"pretrain": module.features(x["pretrain"], side="pretrain")}
+        loss = module.task_loss(z["pretrain"], batch["pretrain"][1])
+        width = z["pretrain"].shape[-1]
+        rank = {side: self.rank_for(extractor, x[side], width) for side in SIDES}
+        logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
+        terms = self.terms()
+        if mode == "none":
+            # One backward pass for everything: the plain gradient of each term.
+            with torch.set_grad_enabled(any(side == "harmful" for side, _, _ in terms)):
+                z["harmful"] = module.features(x["harmful"], side="harmful")
+            total = loss
+            for side, kind, lam in terms:
+                value = self._regularizer(kind, z[side], rank[side])
+                total = total + lam * value
+                logs[kind] = value.detach()
+            module.manual_backward(total)
+        elif mode == "exact":
+            module.manual_backward(loss)
+            with torch.no_grad():
+                z["harmful"] = module.features(x["harmful"], side="harmful")
+            for side, kind, lam in terms:
+                logs[kind] = self._exact_step(extractor, z[side].detach(), kind, lam, rank[side])
+        else:  # ridge: layer-wise preconditioning in the backward pass of each term
+            module.manual_backward(loss)
+            with preconditioning(extractor, enabled=True):
+                for side, kind, lam in terms:
+                    zs = module.features(x[side], side=side)
+                    value = self._regularizer(kind, zs, rank[side])
+                    module.manual_backward(lam * value)
+                    logs[kind] = value.detach()
+                    if side == "harmful":
+                        z["harmful"] = zs
+            if "harmful" not in z:
+                with torch.no_grad():
+                    z["harmful"] = module.features(x["harmful"], side="harmful")
+        for side in SIDES:
+            zs = z[side].detach().reshape(z[side].shape[0], -1)
+            logs[f"kappa_{side}"] = feature_condition_number(zs, rank=rank[side])
+        return ObjectiveOutput(loss=loss.detach(), logs=logs)
+
+    @staticmethod
+    def _regularizer(kind: str, z: Tensor, rank: int | None) -> Tensor:
+        z = z.reshape(z.shape[0], -1) / math.sqrt(z.shape[0])
+        return feature_r_min(z, rank=rank) if kind == "r_min" else feature_r_max(z, rank=rank)
+
+    def _exact_step(
+        self, extractor: LinearExtractor, z: Tensor, kind: str, lam: float, rank: int | None
+    ) -> Tensor:
+        """Add ``λ·2θ∇_S R`` (the exact preconditioned gradient, D×K) to θ's gradient."""
+        weight = extractor.linear.weight  # θᵀ, K×D
+        value, grad_theta = feature_spectral_gradient(
+            z / math.sqrt(z.shape[0]), kind, rank=rank, left=weight.detach().mT
+        )
+        update = (2.0 * lam * grad_theta.mT).to(weight.dtype)
+        weight.grad = update if weight.grad is None else weight.grad + update
+        return value
+
+
+#: Objectives selectable by name (``method:`` in configs); later issues add the baselines.
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "ours": ConditionNumberObjective,
+    "rmax_only": lambda lambda_harmful=1.0, **kw: ConditionNumberObjective(
+        lambda_pretrain=0.0, lambda_harmful=lambda_harmful, **kw
+    ),
+}
+
+
+def make_objective(method: str, **kwargs: Any) -> Objective:
+    """Build the objective registered under ``method`` (see :data:`OBJECTIVES`)."""
+    if method not in OBJECTIVES:
+        raise ValueError(f"Unknown method {method!r}; expected one of {sorted(OBJECTIVES)}.")
+    return OBJECTIVES[method](**kwargs)
+
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class ImmunizationModule(pl.LightningModule):
+    """Immunize ``extractor`` (with classifier ``head``) by Algorithm 1, manual optimization.
+
+    Args:
+        extractor: feature extractor ``f_θ``: inputs (B, ...) → features (B, K).
+        head: classifier ``g_ω`` with ``loss(output, target)`` and ``metric(output, target)``
+            (a :class:`~lightning_immunize.models.ClassifierHead`).
+        objective: an :class:`Objective` (default: ours with λ_P = λ_H = 1).
+        optimizer: a factory ``params → Optimizer`` (default ``torch.optim.Adam(lr=1e-3)``);
+            it receives two parameter groups, extractor and head.
+        extractor_lr / head_lr / extractor_weight_decay / head_weight_decay: per-group
+            overrides (``None`` keeps the optimizer's own value).
+        scheduler: a factory ``optimizer → LR scheduler`` stepped every ``scheduler_interval``
+            (``"step"`` or ``"epoch"``).
+        gradient_clip_val: clip the global gradient norm to this value (``None``: no clip).
+        label_smoothing: passed to the head's loss.
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        head: nn.Module,
+        objective: Objective | None = None,
+        optimizer: OptimizerFactory | None = None,
+        extractor_lr: float | None = None,
+        head_lr: float | None = None,
+        extractor_weight_decay: float | None = None,
+        head_weight_decay: float | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        gradient_clip_val: float | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.extractor = extractor
+        self.head = head
+        self.objective = objective if objective is not None else ConditionNumberObjective()
+        if not isinstance(self.objective, Objective):
+            raise TypeError(f"objective must be an Objective, got {type(objective).__name__}.")
+        self.optimizer_factory = optimizer
+        self.group_options = {
+            "extractor": {"lr": extractor_lr, "weight_decay": extractor_weight_decay},
+            "head": {"lr": head_lr, "weight_decay": head_weight_decay},
+        }
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}."
+            )
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val!r}.")
+        self.gradient_clip_val = gradient_clip_val
+        self.label_smoothing = float(label_smoothing)
+        self.save_hyperparameters(
+            ignore=["extractor", "head", "objective", "optimizer", "scheduler"]
+        )
+
+    # -- model ------------------------------------------------------------------------------
+
+    def features(self, x: Tensor, side: str = "pretrain") -> Tensor:
+        """Features ``f_θ(x)`` (B, K); ``side`` names the dataset in error messages."""
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"the {side} batch has {x.shape[0]} sample(s); the regularizers need at least 2."
+            )
+        return self.extractor(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.extractor(x))
+
+    def task_loss(self, z: Tensor, y: Tensor) -> Tensor:
+        output = self.head(z)
+        if self.label_smoothing:
+            return self.head.loss(output, y, label_smoothing=self.label_smoothing)
+        return self.head.loss(output, y)
+
+    # -- optimization -----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        groups = []
+        for name, part in (("extractor", self.extractor), ("head", self.head)):
+            params = [p for p in part.parameters() if p.requires_grad]
+            if not params:
+                continue
+            group: dict[str, Any] = {"params": params, "name": name}
+            group.update({k: v for k, v in self.group_options[name].items() if v is not None})
+            groups.append(group)
+        if not groups:
+            raise ValueError("the extractor and the head have no trainable parameters.")
+        factory = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-3))
+        optimizer = factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": self.scheduler_factory(optimizer),
+                "interval": self.scheduler_interval,
+            },
+        }
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        out = self.objective.backward(self, batch)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
+        optimizer.step()
+        if self.scheduler_interval == "step":
+            self._step_scheduler()
+        batch_size = int(batch["pretrain"][0].shape[0])
+        for name, value in out.logs.items():
+            self.log(
+                f"train/{name}",
+                value,
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+                prog_bar=name in ("task_loss", "kappa_harmful"),
+            )
+        return out.loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.scheduler_interval == "epoch":
+            self._step_scheduler()
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain types only, so the checkpoint still loads with ``weights_only=True``.
+        checkpoint["immunization"] = {
+            "method": self.objective.name,
+            **{
+                k: v
+                for k, v in self.objective.hyperparameters().items()
+                if isinstance(v, int | float | str | bool)
+            },
+        }
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        pretrain = batch.get("pretrain")
+        if pretrain is None:
+            return
+        x, y = pretrain[0], pretrain[1]
+        output = self(x)
+        self.log("val/task_loss", self.head.loss(output, y), batch_size=x.shape[0], prog_bar=True)
+        self.log(f"val/{self.head.metric_name}", self.head.metric(output, y), batch_size=x.shape[0])
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        pretrain = batch.get("pretrain")
+        if pretrain is None:
+            return
+        x, y = pretrain[0], pretrain[1]
+        output = self(x)
+        self.log("test/task_loss", self.head.loss(output, y), batch_size=x.shape[0])
+        self.log(
+            f"test/{self.head.metric_name}", self.head.metric(output, y), batch_size=x.shape[0]
+        )
