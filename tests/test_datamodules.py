@@ -285,13 +285,14 @@ def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- house prices
 @needs_house
 def test_house_prices_shipped() -> None:
-    dm = HousePricesDataModule(csv_path=HOUSE_CSV)
+    dm = HousePricesDataModule(csv_path=HOUSE_CSV, columns="shared")
     x_p, y_p, x_h, y_h = dm.full_tensors("train")
     assert x_p.shape == x_h.shape == (200, 79) and y_p.shape == y_h.shape == (200,)
     vx_p, vy_p, vx_h, _ = dm.full_tensors("val")
     assert vx_p.shape == vx_h.shape == (100, 79) and vy_p.shape == (100,)
     assert dm.input_dim == 79 and dm.task == "regression" and dm.num_classes is None
-    cols = dm.feature_columns
+    cols = dm.feature_columns["pretrain"]
+    assert cols == dm.feature_columns["harmful"]
     assert "LotArea" not in cols and "SalePrice" not in cols and len(cols) == 79
     assert "MSZoning" in cols and "Id" in cols
     # D_P's target is LotArea, standardized over the 309 non-RL rows.
@@ -315,13 +316,24 @@ def test_house_prices_standardized_columns() -> None:
         std = x.std(0, unbiased=False)
         assert torch.all((std - 1).abs() < 1e-4) or torch.all(((std - 1).abs() < 1e-4) | (std == 0))
     # MSZoning is constant inside D_H ("RL") -> a zero column there.
-    zoning = dm.feature_columns.index("MSZoning")
+    zoning = dm.feature_columns["harmful"].index("MSZoning")
     assert torch.all(dm.full_tensors("train")[2][:, zoning] == 0)
     # standardize_on="train": the training rows themselves are centred.
     x_p, *_ = HousePricesDataModule(csv_path=HOUSE_CSV, standardize_on="train").full_tensors()
     assert x_p.double().mean(0).abs().max() < 1e-5
-    dm = HousePricesDataModule(csv_path=HOUSE_CSV, drop_columns=("Id", "MSZoning"), val_rows=0)
+    dm = HousePricesDataModule(
+        csv_path=HOUSE_CSV, drop_columns=("Id", "MSZoning"), val_rows=0, columns="shared"
+    )
     assert dm.input_dim == 77 and dm.val_dataloader() == []
+
+
+@needs_house
+def test_house_prices_per_split_columns_drop_id_and_own_target() -> None:
+    cols = HousePricesDataModule(csv_path=HOUSE_CSV).feature_columns
+    assert len(cols["pretrain"]) == len(cols["harmful"]) == 79
+    assert "Id" not in cols["pretrain"] and "LotArea" not in cols["pretrain"]
+    assert "SalePrice" in cols["pretrain"] and "LotArea" in cols["harmful"]
+    assert "SalePrice" not in cols["harmful"]
 
 
 def _small_csv(path: Path, drop: str | None = None) -> Path:
@@ -343,8 +355,10 @@ def _small_csv(path: Path, drop: str | None = None) -> Path:
 
 def test_house_prices_encoding_on_small_csv(tmp_path: Path) -> None:
     csv = _small_csv(tmp_path / "small.csv")
-    dm = HousePricesDataModule(csv_path=csv, train_rows=3, val_rows=1, batch_size=2)
-    assert dm.feature_columns == ["Id", "MSZoning", "Street", "Const"]
+    dm = HousePricesDataModule(
+        csv_path=csv, train_rows=3, val_rows=1, batch_size=2, columns="shared"
+    )
+    assert dm.feature_columns["pretrain"] == ["Id", "MSZoning", "Street", "Const"]
     x_p, y_p, x_h, y_h = dm.full_tensors()
     assert x_p.shape == (3, 4) and x_h.shape == (3, 4)
     # Const is constant -> 0 everywhere; MSZoning constant in D_H -> 0.

@@ -43,6 +43,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 SIDES: tuple[str, ...] = ("pretrain", "harmful")
 
 
+def _as_float(x: Tensor) -> Tensor:
+    """Floating tensors keep their precision; anything else becomes float32."""
+    return x if x.is_floating_point() else x.float()
+
+
 def _dataset_len(dataset: Dataset) -> int | None:
     try:
         return len(dataset)  # type: ignore[arg-type]
@@ -296,14 +301,14 @@ class PairedDataModule(LightningDataModule):
     def _stack(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
             x, y = dataset.tensors
-            return x.float(), y
+            return _as_float(x), y
         loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=self.num_workers)
         xs: list[Tensor] = []
         ys: list[Tensor] = []
         for x, y in loader:
             xs.append(torch.as_tensor(x))
             ys.append(torch.as_tensor(y))
-        return torch.cat(xs).float(), torch.cat(ys)
+        return _as_float(torch.cat(xs)), torch.cat(ys)
 
     def full_tensors(self, split: str = "train") -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """All samples of a split as tensors, exactly as the extractor sees them.
@@ -312,7 +317,8 @@ class PairedDataModule(LightningDataModule):
             split: ``"train"``, ``"val"`` or ``"test"``.
 
         Returns:
-            ``(X_P, y_P, X_H, y_H)``: ``X_*`` float32 of shape ``(N_*, *sample_shape)``
+            ``(X_P, y_P, X_H, y_H)``: ``X_*`` floating (float32 unless the data module
+            keeps float64, as house prices does) of shape ``(N_*, *sample_shape)``
             (``(N_*, D)`` for vector data), ``y_*`` of shape ``(N_*,)`` (float for
             regression/binary, int64 for multiclass). Tensors may share storage with the
             datasets: do not modify them in place.

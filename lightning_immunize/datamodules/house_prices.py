@@ -2,15 +2,15 @@
 
 Column decision
 ---------------
-``train.csv`` has 81 columns: ``Id``, 79 explanatory columns and ``SalePrice``. The two
-tasks have different targets (``D_H``: ``SalePrice``, ``D_P``: ``LotArea``), and one linear
-extractor must apply to both, so both splits use the **same** feature columns: every column
-except the two targets. That is 81 − 2 = **79** columns (``Id`` and ``MSZoning`` included),
-which matches the paper's "input vectors of dimension 79" while never feeding a split its
-own target (``LotArea`` is not a ``D_P`` feature, ``SalePrice`` not a ``D_H`` feature).
-``MSZoning`` is constant (``"RL"``) inside ``D_H``, so it standardizes to a zero column
-there; ``Id`` is the row number. Both can be removed with ``drop_columns=("Id", "MSZoning")``
-(``D`` becomes 77).
+``train.csv`` has 81 columns: ``Id``, 79 explanatory columns and ``SalePrice``. SPEC §8 says
+"features: all other 79 columns". The default ``columns="per_split"`` reads that as the
+reference code does: each split drops ``Id`` and **its own target**, so ``D_P`` (target
+``LotArea``) keeps ``SalePrice`` as a feature and ``D_H`` (target ``SalePrice``) keeps
+``LotArea``; both are 79 wide, in file order. (Measured: with this reading the default
+config meets the issue's house-prices bar; dropping both targets and keeping ``Id`` did
+not.) ``columns="shared"`` gives both splits the same columns instead: everything except
+the two targets (``Id`` kept, 79 wide). ``MSZoning`` is constant (``"RL"``) inside ``D_H``,
+so it standardizes to a zero column there. ``drop_columns`` removes more columns.
 
 Preprocessing, per split (``D_P`` and ``D_H`` separately, over all rows of the split by
 default): missing values → 0 (for categorical columns: the category ``"0"`` before
@@ -36,6 +36,7 @@ from .base import PairedDataModule
 __all__ = ["HousePricesDataModule", "encode_and_standardize"]
 
 STANDARDIZE_ON = ("split", "train")
+COLUMN_RULES = ("per_split", "shared")
 
 
 def encode_and_standardize(
@@ -128,6 +129,8 @@ class HousePricesDataModule(PairedDataModule):
         seed: int = 0,
         drop_last: bool = False,
         dtype: str = "float64",
+        columns: str = "per_split",
+        id_column: str | None = "Id",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -159,14 +162,18 @@ class HousePricesDataModule(PairedDataModule):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype = getattr(torch, dtype)
-        self._feature_columns: list[str] = []
+        if columns not in COLUMN_RULES:
+            raise ValueError(f"columns must be one of {list(COLUMN_RULES)}, got {columns!r}")
+        self.columns = columns
+        self.id_column = id_column
+        self._feature_columns: dict[str, list[str]] = {}
         self.save_hyperparameters()
 
     @property
-    def feature_columns(self) -> list[str]:
-        """Feature column names, in order (builds the data on first access)."""
+    def feature_columns(self) -> dict[str, list[str]]:
+        """Feature column names per side (``"pretrain"``, ``"harmful"``), in order."""
         self._ensure_built()
-        return list(self._feature_columns)
+        return {side: list(cols) for side, cols in self._feature_columns.items()}
 
     def _build(self) -> None:
         if not self.csv_path.is_file():
@@ -184,9 +191,18 @@ class HousePricesDataModule(PairedDataModule):
         for target in (self.pretrain_target, self.harmful_target):
             if not pd.api.types.is_numeric_dtype(df[target]):
                 raise ValueError(f"{self.csv_path}: target column {target!r} is not numeric")
-        excluded = {self.pretrain_target, self.harmful_target, *self.drop_columns}
-        self._feature_columns = [c for c in df.columns if c not in excluded]
-        self._set_input_dim(len(self._feature_columns))
+        if self.columns == "shared":
+            excluded = {self.pretrain_target, self.harmful_target, *self.drop_columns}
+            shared = [c for c in df.columns if c not in excluded]
+            self._feature_columns = {"pretrain": shared, "harmful": list(shared)}
+        else:
+            for side, target in (
+                ("pretrain", self.pretrain_target),
+                ("harmful", self.harmful_target),
+            ):
+                excluded = {self.id_column, target, *self.drop_columns}
+                self._feature_columns[side] = [c for c in df.columns if c not in excluded]
+        self._set_input_dim(len(self._feature_columns["pretrain"]))
 
         is_harmful = df[self.zone_column].astype(str) == str(self.harmful_zone)
         splits = {
@@ -209,7 +225,8 @@ class HousePricesDataModule(PairedDataModule):
                     f"{self.train_rows} + {n_val}"
                 )
             stats_rows = self.train_rows if self.standardize_on == "train" else None
-            x, y = encode_and_standardize(frame, self._feature_columns, target, stats_rows)
+            cols = self._feature_columns[side]
+            x, y = encode_and_standardize(frame, cols, target, stats_rows)
             xt = torch.from_numpy(x).to(self.dtype)
             yt = torch.from_numpy(y).to(self.dtype)
             tr = slice(0, self.train_rows)
