@@ -243,7 +243,8 @@ class ImmunizationModule(pl.LightningModule):
     Args:
         extractor: feature extractor ``f_θ``: inputs (B, ...) → features (B, K).
         head: classifier ``g_ω`` with ``loss(output, target)`` and ``metric(output, target)``
-            (a :class:`~lightning_immunize.models.ClassifierHead`).
+            (a :class:`~lightning_immunize.models.ClassifierHead`); ``None`` takes the
+            extractor's own classifier (``extractor.make_head()``, e.g. a timm model's fc).
         objective: an :class:`Objective` (default: ours with λ_P = λ_H = 1).
         optimizer: a factory ``params → Optimizer`` (default ``torch.optim.Adam(lr=1e-3)``);
             it receives two parameter groups, extractor and head.
@@ -258,7 +259,7 @@ class ImmunizationModule(pl.LightningModule):
     def __init__(
         self,
         extractor: nn.Module,
-        head: nn.Module,
+        head: nn.Module | None = None,
         objective: Objective | None = None,
         optimizer: OptimizerFactory | None = None,
         extractor_lr: float | None = None,
@@ -273,6 +274,13 @@ class ImmunizationModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.extractor = extractor
+        if head is None:
+            if not hasattr(extractor, "make_head"):
+                raise ValueError(
+                    f"head is None but {type(extractor).__name__} has no make_head() to take "
+                    "the model's own classifier from; pass a head."
+                )
+            head = extractor.make_head()
         self.head = head
         self.objective = objective if objective is not None else ConditionNumberObjective()
         if not isinstance(self.objective, Objective):

@@ -1,0 +1,126 @@
+"""The `lightning-immunize` CLI end to end on digits, export/reload and checkpoint reload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lightning_immunize.callbacks.report import immunization_report
+from lightning_immunize.cli import main
+from lightning_immunize.datamodules import DigitsPairDataModule
+from lightning_immunize.export import load_checkpoint, load_exported
+from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+REPORT_KEYS = {
+    "rir",
+    "ratio_harmful",
+    "ratio_pretrain",
+    "kappa_harmful",
+    "kappa_pretrain",
+    "kappa_harmful_reference",
+    "kappa_pretrain_reference",
+    "task_metric",
+    "seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "digits.yaml"),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.max_epochs",
+            "5",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    (run,) = (root / "lightning_logs").iterdir()
+    return run
+
+
+def test_fit_writes_immunization_json(digits_run: Path):
+    report = json.loads((digits_run / "immunization.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["rir"] == pytest.approx(report["ratio_harmful"] / report["ratio_pretrain"])
+    assert report["ratio_harmful"] == pytest.approx(
+        report["kappa_harmful"] / report["kappa_harmful_reference"]
+    )
+    assert report["method"] == "ours" and report["objective"]["lambda_harmful"] == 1000.0
+    assert 0.0 <= report["task_metric"] <= 1.0
+    assert list((digits_run / "checkpoints").glob("*.ckpt"))
+
+
+def test_checkpoint_reload_gives_same_rir(digits_run: Path):
+    report = json.loads((digits_run / "immunization.json").read_text())
+    (ckpt,) = (digits_run / "checkpoints").glob("*.ckpt")
+    module = ImmunizationModule.load_from_checkpoint(
+        ckpt,
+        extractor=LinearExtractor(64, 64).double(),
+        head=ClassifierHead(64, 1, "binary").double(),
+        objective=ConditionNumberObjective(1.0, 1000.0),
+        weights_only=True,
+    )
+    again = immunization_report(module, DigitsPairDataModule(0, 1))
+    assert again["rir"] == pytest.approx(report["rir"], rel=1e-9)
+
+
+def test_export_and_reload(digits_run: Path, tmp_path: Path, capsys):
+    (ckpt,) = (digits_run / "checkpoints").glob("*.ckpt")
+    out = tmp_path / "immunized.safetensors"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        assert list(f.keys()) == ["linear.weight"]
+    report = json.loads((digits_run / "immunization.json").read_text())
+    assert meta["method"] == "ours" and float(meta["lambda_harmful"]) == 1000.0
+    assert float(meta["rir"]) == pytest.approx(report["rir"])
+    assert "library_version" in meta
+    extractor = LinearExtractor(64, 64)
+    load_exported(out, extractor)
+    state = load_checkpoint(ckpt)["state_dict"]
+    assert torch.equal(extractor.linear.weight, state["extractor.linear.weight"].float())
+    with pytest.raises(ValueError, match=r"linear.weight: file \(64, 64\) vs model \(32, 64\)"):
+        load_exported(out, LinearExtractor(64, 32))
+
+
+def test_export_errors(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(
+            [
+                "export",
+                "--ckpt",
+                str(tmp_path / "none.ckpt"),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_parses(config: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: lightning_immunize" in capsys.readouterr().out
+
+
+def test_console_script_without_arguments_prints_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_immunize.cli"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "fit" in out and "export" in out
