@@ -186,21 +186,25 @@ class DigitsPairDataModule(PairedDataModule):
         self.mean = mean
         self.std = std
         self.max_samples = max_samples
-        self._set_input_dim(64)
         self.save_hyperparameters()
 
-    def _build(self) -> None:
+    def _load_images(self) -> tuple[Tensor, Tensor, float]:
+        """``(images (N, ...), labels (N,), pixel scale)`` of the whole source dataset."""
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
         images = torch.from_numpy(bunch.data.astype("float64"))  # (1797, 64), values 0..16
-        labels = torch.from_numpy(bunch.target.astype("int64"))
+        return images, torch.from_numpy(bunch.target.astype("int64")), 16.0
+
+    def _build(self) -> None:
+        images, labels, scale = self._load_images()
+        self._set_input_dim(int(images[0].numel()))
         self.pretrain, self.harmful, self.val_pretrain, self.val_harmful = build_digit_pair(
             images,
             labels,
             self.pretrain_digit,
             self.harmful_digit,
-            scale=16.0,
+            scale=scale,
             mean=self.mean,
             std=self.std,
             val_fraction=self.val_fraction,

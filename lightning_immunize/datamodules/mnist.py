@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import PairedDataModule
-from .digits import MNIST_MEAN, MNIST_STD, build_digit_pair, check_pair_args
+from .digits import MNIST_MEAN, MNIST_STD, DigitsPairDataModule
 
 __all__ = ["MNISTPairDataModule", "load_mnist_idx", "read_idx", "MNIST_SPLITS"]
 
@@ -140,7 +139,7 @@ def load_mnist_idx(root: str | Path, split: str = "test") -> tuple[Tensor, Tenso
     return torch.cat(images), torch.cat(labels)
 
 
-class MNISTPairDataModule(PairedDataModule):
+class MNISTPairDataModule(DigitsPairDataModule):
     """Digit pair ``(a, b)`` from MNIST (``D = 784``), same construction as the 8×8 digits.
 
     ``D_P`` = images of ``pretrain_digit`` (label 0.0), ``D_H`` = images of
@@ -184,41 +183,25 @@ class MNISTPairDataModule(PairedDataModule):
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
+        if split not in MNIST_SPLITS:
+            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(MNIST_SPLITS)}")
         super().__init__(
+            pretrain_digit=pretrain_digit,
+            harmful_digit=harmful_digit,
             batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            mean=mean,
+            std=std,
+            max_samples=max_samples,
             mode=mode,
             num_workers=num_workers,
             shuffle=shuffle,
-            seed=seed,
             drop_last=drop_last,
-            task="binary",
-            num_classes=2,
-        )
-        if split not in MNIST_SPLITS:
-            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(MNIST_SPLITS)}")
-        self.pretrain_digit, self.harmful_digit = check_pair_args(
-            pretrain_digit, harmful_digit, val_fraction, std
         )
         self.root = Path(root)
         self.split = split
-        self.val_fraction = val_fraction
-        self.mean = mean
-        self.std = std
-        self.max_samples = max_samples
-        self.save_hyperparameters()
 
-    def _build(self) -> None:
+    def _load_images(self) -> tuple[Tensor, Tensor, float]:
         images, labels = load_mnist_idx(self.root, self.split)
-        self._set_input_dim(int(images[0].numel()))
-        self.pretrain, self.harmful, self.val_pretrain, self.val_harmful = build_digit_pair(
-            images,
-            labels,
-            self.pretrain_digit,
-            self.harmful_digit,
-            scale=255.0,
-            mean=self.mean,
-            std=self.std,
-            val_fraction=self.val_fraction,
-            seed=self.seed,
-            max_samples=self.max_samples,
-        )
+        return images, labels, 255.0
