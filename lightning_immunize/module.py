@@ -233,8 +233,13 @@ def make_objective(method: str, **kwargs: Any) -> Objective:
     return OBJECTIVES[method](**kwargs)
 
 
+#: ``params → Optimizer`` (LightningCLI parses ``class_path: torch.optim.Adam`` into one).
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+#: ``optimizer → LR scheduler``.
+SchedulerFactory = Callable[
+    [torch.optim.Optimizer],
+    torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
+]
 
 
 class ImmunizationModule(pl.LightningModule):
@@ -375,8 +380,16 @@ class ImmunizationModule(pl.LightningModule):
 
     def _step_scheduler(self) -> None:
         scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # It needs a figure to watch: the latest validation loss, else the task loss.
+            metrics = self.trainer.callback_metrics
+            value = metrics.get("val/task_loss", metrics.get("train/task_loss"))
+            if value is not None:
+                scheduler.step(value)
+            return
+        scheduler.step()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain types only, so the checkpoint still loads with ``weights_only=True``.
