@@ -79,7 +79,119 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"export": _export}
+def load_trained(config: str | Path, ckpt: str | Path):
+    """``(module, datamodule, θ_0)`` from a run's config and checkpoint.
+
+    ``θ_0`` is the extractor as the config builds it before training (pretrained weights or
+    its checkpoint path), used as the reference of a non-linear extractor. The module takes the
+    checkpoint's dtype (float64 for the linear configs) before its weights are loaded.
+    """
+    import copy
+
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_immunize.datamodules import PairedDataModule
+    from lightning_immunize.export import load_checkpoint
+    from lightning_immunize.module import ImmunizationModule
+
+    cli = LightningCLI(
+        ImmunizationModule,
+        PairedDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(config), "--trainer.logger", "false"],
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+    )
+    module, datamodule = cli.model, cli.datamodule
+    reference = copy.deepcopy(module.extractor).eval()
+    state = load_checkpoint(ckpt)["state_dict"]
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    module = module.to(dtype)
+    module.load_state_dict(state)
+    module.eval()
+    return module, datamodule, reference
+
+
+def evaluate_checkpoint(
+    config: str | Path,
+    ckpt: str | Path,
+    out: str | Path,
+    steps: int = 200,
+    tol: float = 1e-3,
+    split: str = "train",
+    attackers: Sequence[str] | None = None,
+) -> Path:
+    """Write ``report.md``, ``ratios.json``, ``curves.csv`` and PNG figures into ``out``."""
+    from lightning_immunize.callbacks.plots import plot_attackers, plot_norm_ratio
+    from lightning_immunize.callbacks.probing import probing_study
+    from lightning_immunize.callbacks.report import evaluation_markdown, immunization_report
+    from lightning_immunize.models import LinearExtractor
+
+    module, datamodule, theta_0 = load_trained(config, ckpt)
+    linear = isinstance(module.extractor, LinearExtractor)
+    reference = None if linear else theta_0
+    report = immunization_report(module, datamodule, split, reference_extractor=reference)
+    study = probing_study(
+        module.extractor,
+        datamodule.full_tensors(split),
+        reference,
+        attackers,
+        steps,
+        tol,
+        task=getattr(datamodule, "task", None),
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ratios.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    study.write_csv(out / "curves.csv")
+    plot_norm_ratio(study, out / "norm_ratio.png")
+    plot_attackers(study, out / "attackers.png")
+    figures = {
+        "Norm-ratio curves, GD with exact line search (D_H left, D_P right)": "norm_ratio.png",
+        "Every attacker": "attackers.png",
+    }
+    header = {"config": str(config), "checkpoint": str(ckpt)}
+    if "method" in report:
+        header["method"] = f"{report['method']} {report.get('objective', {})}"
+    path = out / "report.md"
+    path.write_text(evaluation_markdown(report, study, figures, header) + "\n")
+    return path
+
+
+def _evaluate(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-immunize evaluate",
+        description="Ratios, probing-attacker table and norm-ratio figures for a checkpoint "
+        "(report.md beside the PNGs).",
+    )
+    parser.add_argument("--config", required=True, help="the YAML config the run was trained with")
+    parser.add_argument("--ckpt", required=True, help="the trained checkpoint")
+    parser.add_argument("--out", default=None, help="output folder (default: <run>/evaluation)")
+    parser.add_argument("--steps", type=int, default=200, help="attacker steps T (default 200)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="norm-ratio tolerance")
+    parser.add_argument("--split", default="train", help="data split to probe (default train)")
+    parser.add_argument(
+        "--attackers", default=None, help="comma-separated attacker names (default: all)"
+    )
+    args = parser.parse_args(list(argv))
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluation"
+
+    report_md = evaluate_checkpoint(
+        args.config,
+        args.ckpt,
+        out,
+        steps=args.steps,
+        tol=args.tol,
+        split=args.split,
+        attackers=args.attackers.split(",") if args.attackers else None,
+    )
+    print(f"wrote {report_md}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"export": _export, "evaluate": _evaluate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SUBCOMMANDS[argv[0]](argv[1:])
     if not argv:
         print(
-            f"usage: lightning-immunize {{fit,validate,test,export}} ...\n\n{DESCRIPTION}\n\n"
+            "usage: lightning-immunize {fit,validate,test,evaluate,export} ...\n\n"
+            f"{DESCRIPTION}\n\n"
             "  fit|validate|test  LightningCLI subcommands (--config configs/<name>.yaml)\n"
+            "  evaluate           ratios, probing attackers and figures for a checkpoint\n"
             "  export             write the immunized extractor as .safetensors\n\n"
             "Run `lightning-immunize fit --help` for every option."
         )

@@ -124,3 +124,41 @@ def test_console_script_without_arguments_prints_help():
         [sys.executable, "-m", "lightning_immunize.cli"], capture_output=True, text=True, check=True
     ).stdout
     assert "fit" in out and "export" in out
+
+
+def test_evaluate_writes_report_and_figures(digits_run: Path, tmp_path: Path):
+    import matplotlib.image
+
+    (ckpt,) = (digits_run / "checkpoints").glob("*.ckpt")
+    out = tmp_path / "evaluation"
+    config = str(REPO / "configs" / "digits.yaml")
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                config,
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--steps",
+                "50",
+            ]
+        )
+        == 0
+    )
+    text = (out / "report.md").read_text()
+    ratios = json.loads((out / "ratios.json").read_text())
+    original = json.loads((digits_run / "immunization.json").read_text())
+    assert ratios["rir"] == pytest.approx(original["rir"], rel=1e-9)
+    for attacker in ("gd_exact", "gd_fixed", "adam", "lbfgs", "closed_form"):
+        assert f"| {attacker} | D_H |" in text and f"| {attacker} | D_P |" in text
+    assert "does **not slow**" in text and "`closed_form`" in text
+    for name in ("norm_ratio.png", "attackers.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01
+        assert f"]({name})" in text
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert rows[0] == "side,model,attacker,step,norm_ratio,loss"
+    assert len(rows) == 1 + 2 * 2 * 5 * 51

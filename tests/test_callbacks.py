@@ -1,0 +1,55 @@
+"""Callbacks in a plain Lightning pipeline: probing curves and the immunization report."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_immunize.callbacks.probing import ProbingCallback, probing_study
+from lightning_immunize.callbacks.report import ImmunizationReport
+from lightning_immunize.datamodules import DigitsPairDataModule
+from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+
+
+def test_probing_callback_and_report_in_a_fit(tmp_path):
+    torch.manual_seed(0)
+    module = ImmunizationModule(
+        LinearExtractor(64, 64, seed=0),
+        ClassifierHead(64, 1, "binary"),
+        ConditionNumberObjective(1.0, 100.0),
+        optimizer=partial(torch.optim.Adam, lr=1e-3),
+    )
+    probe = ProbingCallback(attackers=["gd_exact", "closed_form"], steps=30)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        callbacks=[probe, ImmunizationReport()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="64-true",
+    )
+    trainer.fit(module, DigitsPairDataModule(2, 7))
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    assert (log_dir / "probing" / "norm_ratio.png").stat().st_size > 10_000
+    assert (log_dir / "probing" / "curves.csv").read_text().count("\n") == 1 + 2 * 2 * 2 * 31
+    report = json.loads((log_dir / "immunization.json").read_text())
+    assert report["rir"] == pytest.approx(report["ratio_harmful"] / report["ratio_pretrain"])
+    closed = [r for r in probe.study.rows() if r["attacker"] == "closed_form"]
+    assert all(r["steps_reference"] == r["steps_immunized"] == 1 for r in closed)
+
+
+def test_probing_study_identity_extractor_changes_nothing():
+    gen = torch.Generator().manual_seed(0)
+    X_P, X_H = torch.randn(40, 6, generator=gen), torch.randn(40, 6, generator=gen) * 3
+    data = (X_P, torch.randn(40, generator=gen), X_H, torch.randn(40, generator=gen))
+    extractor = LinearExtractor(6, init="identity")
+    study = probing_study(extractor, data, attackers=["gd_exact", "gd_fixed"], steps=20)
+    for row in study.rows():
+        assert row["progress_ratio"] == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown attacker"):
+        ProbingCallback(attackers=["newton"])
