@@ -53,3 +53,49 @@ def test_probing_study_identity_extractor_changes_nothing():
         assert row["progress_ratio"] == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="unknown attacker"):
         ProbingCallback(attackers=["newton"])
+
+
+def test_rir_callback_and_condition_monitor_log(tmp_path):
+    from lightning_immunize.callbacks import ConditionNumberMonitor, RIRCallback
+
+    torch.manual_seed(0)
+    module = ImmunizationModule(
+        LinearExtractor(64, 64, seed=0),
+        ClassifierHead(64, 1, "binary"),
+        ConditionNumberObjective(1.0, 100.0),
+    )
+    rir = RIRCallback()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        callbacks=[rir, ConditionNumberMonitor(every_n_steps=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="64-true",
+        logger=False,
+    )
+    trainer.fit(module, DigitsPairDataModule(4, 9, val_fraction=0.2))
+    logged = trainer.callback_metrics
+    for key in ("rir", "ratio_harmful", "ratio_pretrain", "monitor/kappa_pretrain"):
+        assert torch.isfinite(logged[key]), key
+    assert float(logged["rir"]) == pytest.approx(rir.last["rir"], rel=1e-6)
+    assert float(logged["monitor/kappa_harmful"]) >= 1.0
+
+
+def test_deep_report_uses_groups_against_theta_0():
+    from lightning_immunize.callbacks.report import immunization_report
+    from lightning_immunize.datamodules import PairedDataModule
+
+    torch.manual_seed(0)
+    extractor = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
+    head = ClassifierHead(8, 1, "binary")
+    module = ImmunizationModule(extractor, head, ConditionNumberObjective())
+    gen = torch.Generator().manual_seed(1)
+    data = PairedDataModule(
+        torch.utils.data.TensorDataset(torch.randn(60, 6, generator=gen), torch.zeros(60)),
+        torch.utils.data.TensorDataset(torch.randn(50, 6, generator=gen), torch.ones(50)),
+        batch_size=16,
+    )
+    report = immunization_report(module, data, reference_extractor=extractor, group_size=30)
+    assert report["rir"] == 1.0 and report["ratio_harmful_std"] == 0.0
+    assert report["group_size"] == 30 and report["num_groups"] == 20

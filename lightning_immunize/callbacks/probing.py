@@ -11,7 +11,6 @@ the datamodule has ``full_tensors(split)`` returning ``(X_P, y_P, X_H, y_H)``.
 
 from __future__ import annotations
 
-import copy
 import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from lightning_immunize.callbacks.report import ReferenceKeeper
 from lightning_immunize.metrics import extract_features
-from lightning_immunize.models import LinearExtractor
 from lightning_immunize.probing import ATTACKERS, ProbeTrajectory, run_attackers
 
 __all__ = ["SIDES", "MODELS", "ProbingStudy", "probing_study", "ProbingCallback"]
@@ -142,7 +141,7 @@ def probing_study(
     return ProbingStudy(curves=curves, steps=steps, tolerance=tol, reference_name=name)
 
 
-class ProbingCallback(pl.Callback):
+class ProbingCallback(ReferenceKeeper):
     """At the end of fit, run the probing attackers on ``D_H`` and ``D_P`` for the reference
     and the trained extractor; log steps-to-tolerance and write ``probing/curves.csv`` and
     ``probing/norm_ratio.png`` + ``probing/attackers.png`` into the log directory.
@@ -168,14 +167,8 @@ class ProbingCallback(pl.Callback):
             raise ValueError(f"unknown attacker(s) {unknown}; valid: {sorted(ATTACKERS)}")
         self.attackers = list(attackers) if attackers else None
         self.steps, self.tol, self.split, self.dirpath = steps, tol, split, dirpath
-        self._reference: nn.Module | None = None
+        self.reference = None
         self.study: ProbingStudy | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        extractor = pl_module.extractor
-        self._reference = (
-            None if isinstance(extractor, LinearExtractor) else copy.deepcopy(extractor).eval()
-        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         extractor = pl_module.extractor
@@ -185,7 +178,7 @@ class ProbingCallback(pl.Callback):
             data = trainer.datamodule.full_tensors(self.split)
             task = getattr(trainer.datamodule, "task", None)
             self.study = probing_study(
-                extractor, data, self._reference, self.attackers, self.steps, self.tol, task
+                extractor, data, self.reference, self.attackers, self.steps, self.tol, task
             )
         finally:
             extractor.train(was_training)

@@ -21,15 +21,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lightning_immunize.conditioning import feature_condition_number
 from lightning_immunize.metrics import (
+    DeepRelativeImmunizationRatio,
     extract_features,
-    immunization_ratios,
     linear_immunization_ratios,
 )
 from lightning_immunize.models import LinearExtractor
 
-__all__ = ["immunization_report", "format_report", "ImmunizationReport"]
+__all__ = [
+    "immunization_report",
+    "format_report",
+    "ReferenceKeeper",
+    "ImmunizationReport",
+    "evaluation_markdown",
+]
 
 REPORT_NAME = "immunization.json"
 
@@ -40,8 +45,16 @@ def immunization_report(
     datamodule: Any,
     split: str = "train",
     reference_extractor: torch.nn.Module | None = None,
+    num_groups: int = 20,
+    group_size: int = 100,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """RIR figures of ``module.extractor`` on ``datamodule``'s ``split`` plus the task metric."""
+    """RIR figures of ``module.extractor`` on ``datamodule``'s ``split`` plus the task metric.
+
+    Linear extractor: Eq. 15 against the identity on the full split. Otherwise Eq. 17 against
+    ``reference_extractor`` (θ_0) on ``num_groups`` groups of ``group_size`` samples (fewer when
+    a side is smaller; the report says how many), the same groups for both models.
+    """
     extractor = module.extractor
     was_training = extractor.training
     extractor.eval()
@@ -55,12 +68,18 @@ def immunization_report(
                     "a non-linear extractor needs reference_extractor (θ_0) for its RIR."
                 )
             reference_extractor.eval()
-            kappas = [
-                float(feature_condition_number(extract_features(net, X)))
-                for X in (X_P, X_H)
-                for net in (extractor, reference_extractor)
-            ]
-            report = immunization_ratios(kappas[0], kappas[2], kappas[1], kappas[3])
+            metric = DeepRelativeImmunizationRatio(
+                num_groups=num_groups,
+                group_size=min(group_size, X_P.shape[0], X_H.shape[0]),
+                seed=seed,
+            )
+            metric.update(
+                extract_features(extractor, X_P),
+                extract_features(reference_extractor, X_P),
+                extract_features(extractor, X_H),
+                extract_features(reference_extractor, X_H),
+            )
+            report = metric.compute()
         report["split"] = split
         head = getattr(module, "head", None)
         if head is not None and hasattr(head, "metric"):
@@ -105,24 +124,49 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class ImmunizationReport(pl.Callback):
-    """Writes ``immunization.json`` into ``trainer.log_dir`` (or ``dirpath``) at the end of fit
-    and logs the table. Keeps a copy of the extractor at fit start as θ_0 for deep models."""
+class ReferenceKeeper(pl.Callback):
+    """Keeps a copy of a non-linear extractor as it is when fit starts: θ_0, the reference of
+    the deep RIR (a linear extractor's reference is the identity, nothing to keep)."""
 
-    def __init__(self, dirpath: str | None = None, split: str = "train") -> None:
-        self.dirpath = dirpath
-        self.split = split
-        self._start: float | None = None
-        self._reference: torch.nn.Module | None = None
+    reference: torch.nn.Module | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        extractor = pl_module.extractor
+        if not isinstance(extractor, LinearExtractor) and self.reference is None:
+            self.reference = copy.deepcopy(extractor).eval()
+
+
+class ImmunizationReport(ReferenceKeeper):
+    """Writes ``immunization.json`` into ``trainer.log_dir`` (or ``dirpath``) at the end of fit
+    and logs the table (:func:`immunization_report`; deep models: ``num_groups`` ×
+    ``group_size`` against θ_0 as it was at fit start)."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        split: str = "train",
+        num_groups: int = 20,
+        group_size: int = 100,
+    ) -> None:
+        self.dirpath = dirpath
+        self.split = split
+        self.num_groups, self.group_size = num_groups, group_size
+        self._start: float | None = None
+        self.reference = None
+        self.report: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._start = time.perf_counter()
-        if not isinstance(pl_module.extractor, LinearExtractor):
-            self._reference = copy.deepcopy(pl_module.extractor)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         report = immunization_report(
-            pl_module, trainer.datamodule, self.split, reference_extractor=self._reference
+            pl_module,
+            trainer.datamodule,
+            self.split,
+            self.reference,
+            self.num_groups,
+            self.group_size,
         )
         if self._start is not None:
             report["seconds"] = time.perf_counter() - self._start
