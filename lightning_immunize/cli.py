@@ -191,7 +191,53 @@ def _evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"export": _export, "evaluate": _evaluate}
+def _reproduce(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-immunize reproduce",
+        description="Run a paper protocol for several methods and seeds (resumable) and write "
+        "table.md and figures.",
+    )
+    parser.add_argument("protocol", choices=["house-prices", "digits", "mnist"])
+    parser.add_argument("--out", required=True, help="output folder (runs.csv, table.md, PNGs)")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated, e.g. identity,rmax_only,imma,opt,ours"
+    )
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3")
+    parser.add_argument(
+        "--pairs", default=None, help="digit pairs 'a-b,c-d' (default: all 90 ordered pairs)"
+    )
+    parser.add_argument(
+        "--spec", default=None, help="protocol file (default configs/reproduce.yaml)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+
+    from lightning_immunize.experiments import DEFAULT_SPEC, run_sweep
+
+    pairs = None
+    if args.pairs:
+        try:
+            pairs = [tuple(int(d) for d in p.split("-")) for p in args.pairs.split(",")]
+        except ValueError:
+            parser.error(f"--pairs must look like '0-1,3-8', got {args.pairs!r}")
+    table = run_sweep(
+        args.protocol,
+        args.out,
+        methods=args.methods.split(",") if args.methods else None,
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        pairs=pairs,
+        spec_path=args.spec or DEFAULT_SPEC,
+        progress=not args.no_progress,
+    )
+    print(table.read_text())
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "export": _export,
+    "evaluate": _evaluate,
+    "reproduce": _reproduce,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,11 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SUBCOMMANDS[argv[0]](argv[1:])
     if not argv:
         print(
-            "usage: lightning-immunize {fit,validate,test,evaluate,export} ...\n\n"
+            "usage: lightning-immunize {fit,validate,test,evaluate,export,reproduce} ...\n\n"
             f"{DESCRIPTION}\n\n"
             "  fit|validate|test  LightningCLI subcommands (--config configs/<name>.yaml)\n"
             "  evaluate           ratios, probing attackers and figures for a checkpoint\n"
-            "  export             write the immunized extractor as .safetensors\n\n"
+            "  export             write the immunized extractor as .safetensors\n"
+            "  reproduce          the paper's protocols for several methods and seeds\n\n"
             "Run `lightning-immunize fit --help` for every option."
         )
         return 0

@@ -217,12 +217,114 @@ class ConditionNumberObjective(Objective):
         return value
 
 
-#: Objectives selectable by name (``method:`` in configs); later issues add the baselines.
+class RMaxOnlyObjective(ConditionNumberObjective):
+    """Baseline ``rmax_only`` (SPEC §7): ``L(D_P) + λ_H·R_max(S_H)``, i.e. ours with λ_P = 0."""
+
+    name = "rmax_only"
+
+    def __init__(
+        self,
+        lambda_harmful: float = 1.0,
+        preconditioner: str = "auto",
+        ridge: float = 1e-3,
+        rank_rule: str = "auto",
+    ) -> None:
+        super().__init__(0.0, lambda_harmful, preconditioner, ridge, rank_rule)
+
+
+class ConditionNumberOptObjective(Objective):
+    r"""Baseline ``opt`` (SPEC §7): ``L(D_P) + λ·(log κ(S_P) − log κ(S_H))``, differentiated
+    directly through ``eigvalsh`` with autograd (no surrogate, no preconditioning).
+
+    κ by the same rank rule as ours (input rank of the batch for a linear extractor).
+    """
+
+    name = "opt"
+
+    def __init__(self, lambda_: float = 1.0, rank_rule: str = "auto") -> None:
+        self.lambda_ = _check_lambda("lambda_", lambda_)
+        self._ranks = ConditionNumberObjective(rank_rule=rank_rule)
+        self.rank_rule = rank_rule
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lambda_": self.lambda_, "rank_rule": self.rank_rule}
+
+    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        x = {side: batch[side][0] for side in SIDES}
+        z = {side: module.features(x[side], side=side) for side in SIDES}
+        loss = module.task_loss(z["pretrain"], batch["pretrain"][1])
+        width = z["pretrain"].shape[-1]
+        kappa = {}
+        for side in SIDES:
+            rank = self._ranks.rank_for(module.extractor, x[side], width)
+            zs = z[side].reshape(z[side].shape[0], -1)
+            kappa[side] = feature_condition_number(zs, rank=rank)
+        log_gap = torch.log(kappa["pretrain"]) - torch.log(kappa["harmful"])
+        module.manual_backward(loss + self.lambda_ * log_gap)
+        return ObjectiveOutput(
+            loss=loss.detach(),
+            logs={
+                "task_loss": loss.detach(),
+                "log_kappa_gap": log_gap.detach(),
+                "kappa_pretrain": kappa["pretrain"].detach(),
+                "kappa_harmful": kappa["harmful"].detach(),
+            },
+        )
+
+
+class IMMAObjective(Objective):
+    r"""Baseline ``imma`` (Zheng & Yeh 2024; SPEC §7), bi-level.
+
+    Inner loop: ``inner_steps`` differentiable gradient steps (lr ``inner_lr``) of a linear
+    probe ``w`` (a fresh copy of the head's shape, zero-initialised) on the D_H batch's
+    features with the head's loss, giving ``w_H(θ)``. Outer step: minimise
+    ``L(D_P) − λ·L(D_H; w_H(θ), θ)``, back-propagating through the inner steps.
+    """
+
+    name = "imma"
+
+    def __init__(self, lambda_: float = 1.0, inner_steps: int = 5, inner_lr: float = 0.1) -> None:
+        self.lambda_ = _check_lambda("lambda_", lambda_)
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be ≥ 1, got {inner_steps!r}.")
+        if not inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}.")
+        self.inner_steps = int(inner_steps)
+        self.inner_lr = float(inner_lr)
+
+    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        z_p = module.features(batch["pretrain"][0], side="pretrain")
+        loss = module.task_loss(z_p, batch["pretrain"][1])
+        x_h, y_h = batch["harmful"][0], batch["harmful"][1]
+        z_h = module.features(x_h, side="harmful").reshape(x_h.shape[0], -1)
+        head = module.head
+        weight = torch.zeros_like(head.linear.weight, requires_grad=True)
+        bias = torch.zeros_like(head.linear.bias, requires_grad=True)
+        for _ in range(self.inner_steps):
+            inner = self._probe_loss(head, z_h, y_h, weight, bias)
+            g_w, g_b = torch.autograd.grad(inner, (weight, bias), create_graph=True)
+            weight, bias = weight - self.inner_lr * g_w, bias - self.inner_lr * g_b
+        harmful_loss = self._probe_loss(head, z_h, y_h, weight, bias)
+        module.manual_backward(loss - self.lambda_ * harmful_loss)
+        return ObjectiveOutput(
+            loss=loss.detach(),
+            logs={"task_loss": loss.detach(), "harmful_probe_loss": harmful_loss.detach()},
+        )
+
+    @staticmethod
+    def _probe_loss(head: nn.Module, z: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        output = torch.nn.functional.linear(z, weight, bias)
+        if output.shape[-1] == 1 and y.ndim == 1:
+            output = output.squeeze(-1)
+        return head.loss(output, y)
+
+
+#: Objectives selectable by name (``method:`` in configs).
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "ours": ConditionNumberObjective,
-    "rmax_only": lambda lambda_harmful=1.0, **kw: ConditionNumberObjective(
-        lambda_pretrain=0.0, lambda_harmful=lambda_harmful, **kw
-    ),
+    "rmax_only": RMaxOnlyObjective,
+    "opt": ConditionNumberOptObjective,
+    "imma": IMMAObjective,
 }
 
 
@@ -259,6 +361,8 @@ class ImmunizationModule(pl.LightningModule):
             (``"step"`` or ``"epoch"``).
         gradient_clip_val: clip the global gradient norm to this value (``None``: no clip).
         label_smoothing: passed to the head's loss.
+        method / method_args: shortcut for ``objective``: the name of an objective in
+            :data:`OBJECTIVES` (``ours``, ``rmax_only``, ``opt``, ``imma``) and its arguments.
     """
 
     def __init__(
@@ -275,9 +379,18 @@ class ImmunizationModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         gradient_clip_val: float | None = None,
         label_smoothing: float = 0.0,
+        method: str | None = None,
+        method_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        if method is not None:
+            if objective is not None:
+                raise ValueError(
+                    f"give either objective or method, not both (got method={method!r} and "
+                    f"objective={type(objective).__name__})."
+                )
+            objective = make_objective(method, **(method_args or {}))
         self.extractor = extractor
         if head is None:
             if not hasattr(extractor, "make_head"):
