@@ -19,7 +19,7 @@ from lightning_immunize.models import ClassifierHead, LinearExtractor
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted(c for c in (REPO / "configs").glob("*.yaml") if c.stem != "reproduce")
 REPORT_KEYS = {
     "rir",
     "ratio_harmful",
