@@ -33,7 +33,12 @@ from lightning_immunize.conditioning import (
     feature_spectral_gradient,
 )
 from lightning_immunize.models import LinearExtractor
-from lightning_immunize.preconditioning import check_mode, preconditioning
+from lightning_immunize.preconditioning import (
+    PreconditionedLinear,
+    check_mode,
+    convert_linear_layers,
+    preconditioning,
+)
 
 __all__ = [
     "Objective",
@@ -66,6 +71,9 @@ class Objective:
     #: Name used in configs (``method:``), reports and exported metadata.
     name: str = "objective"
 
+    def prepare(self, module: ImmunizationModule) -> None:
+        """Adapt the model once, when the module is built (default: nothing)."""
+
     def hyperparameters(self) -> dict[str, Any]:
         """The objective's settings, for logs and exported metadata."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -89,7 +97,8 @@ class ConditionNumberObjective(Objective):
         preconditioner: ``"exact"`` (``2θ∇_S R``; linear extractors only), ``"ridge"``
             (layer-wise ``(Σ+ρI)⁻¹`` on every ``PreconditionedLinear`` of the extractor),
             ``"none"``, or ``"auto"`` (``exact`` for a :class:`LinearExtractor`, else ``none``).
-        ridge: relative ridge ``ρ`` of the ``ridge`` mode (set on the extractor's layers).
+        ridge: relative ridge ``ρ`` of the ``ridge`` mode; :meth:`prepare` converts the
+            extractor's ``nn.Linear`` layers (same parameters) and sets it on them.
         rank_rule: ``"input"`` (SPEC §2 input-rank rule: κ over the top ``rank(X_batch)``
             eigenvalues; linear extractors), ``"tolerance"``, or ``"auto"`` (``input`` for a
             :class:`LinearExtractor`, else ``tolerance``).
@@ -120,6 +129,18 @@ class ConditionNumberObjective(Objective):
         self.rank_rule = rank_rule
 
     # -- resolved settings ------------------------------------------------------------------
+
+    def prepare(self, module: ImmunizationModule) -> None:
+        """``ridge`` mode: turn the extractor's ``nn.Linear`` layers into preconditioned ones
+        (same parameters) so each regularizer's weight gradient gets ``(Σ+ρI)⁻¹``."""
+        if self.mode_for(module.extractor) != "ridge":
+            return
+        convert_linear_layers(module.extractor, ridge=self.ridge)
+        if not any(isinstance(m, PreconditionedLinear) for m in module.extractor.modules()):
+            raise ValueError(
+                f"preconditioner 'ridge' needs nn.Linear layers in the extractor; "
+                f"{type(module.extractor).__name__} has none. Use 'none'."
+            )
 
     def mode_for(self, extractor: nn.Module) -> str:
         linear = isinstance(extractor, LinearExtractor)
@@ -403,6 +424,7 @@ class ImmunizationModule(pl.LightningModule):
         self.objective = objective if objective is not None else ConditionNumberObjective()
         if not isinstance(self.objective, Objective):
             raise TypeError(f"objective must be an Objective, got {type(objective).__name__}.")
+        self.objective.prepare(self)
         self.optimizer_factory = optimizer
         self.group_options = {
             "extractor": {"lr": extractor_lr, "weight_decay": extractor_weight_decay},

@@ -188,24 +188,26 @@ def convert_linear_layers(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in ``module`` (in place) by a :class:`PreconditionedLinear`.
 
-    Weights, ``requires_grad`` flags, device and dtype are kept. The layers start switched off
-    (``precondition=False``) so the model behaves as before until :func:`preconditioning`.
+    The layers keep the same ``Parameter`` objects (so ``requires_grad``, device, dtype and any
+    optimizer holding them are unaffected); a layer already converted gets ``ridge``. They
+    start switched off (``precondition=False``): the model behaves as before until
+    :func:`preconditioning` switches them on.
     """
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear) and not isinstance(child, PreconditionedLinear):
+        if isinstance(child, PreconditionedLinear):
+            child.ridge = ridge
+        elif isinstance(child, nn.Linear):
             new = PreconditionedLinear(
                 child.in_features,
                 child.out_features,
                 bias=child.bias is not None,
                 ridge=ridge,
                 precondition=precondition,
-                device=child.weight.device,
-                dtype=child.weight.dtype,
+                device="meta",
             )
-            new.load_state_dict(child.state_dict())
-            new.weight.requires_grad_(child.weight.requires_grad)
-            if child.bias is not None:
-                new.bias.requires_grad_(child.bias.requires_grad)
+            # The very same Parameter objects: an optimizer built before still updates them.
+            new.weight = child.weight
+            new.bias = child.bias
             setattr(module, name, new)
         else:
             convert_linear_layers(child, ridge=ridge, precondition=precondition)

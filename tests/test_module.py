@@ -71,6 +71,7 @@ def test_regularizer_steps_move_kappa_the_right_way(mode):
     for lam_p, lam_h, side, sign in ((1.0, 0.0, 0, -1), (0.0, 1.0, 1, +1)):
         module = linear_module(ConditionNumberObjective(lam_p, lam_h, preconditioner=mode), lr=1e-3)
         if mode == "ridge":
+            assert module.extractor.linear.ridge == 1e-3  # converted by the objective
             convert_linear_layers(module.extractor, ridge=1e-6)
         before = kappas(module, batch)
         baseline = linear_module(ConditionNumberObjective(0.0, 0.0, preconditioner=mode), lr=1e-3)
