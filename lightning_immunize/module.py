@@ -32,6 +32,7 @@ from lightning_immunize.conditioning import (
     feature_r_min,
     feature_spectral_gradient,
 )
+from lightning_immunize.distributed import gather_rows
 from lightning_immunize.models import LinearExtractor
 from lightning_immunize.preconditioning import (
     PreconditionedLinear,
@@ -177,47 +178,49 @@ class ConditionNumberObjective(Objective):
         return [t for t in terms if t[2] > 0]
 
     def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        """Task loss + regularizers on the *global* batch (all ranks' features, SPEC §9), in
+        one backward pass (DDP expects one per step); ``exact`` adds its closed-form term to
+        θ's gradient afterwards, the same on every rank."""
         extractor = module.extractor
         mode = self.mode_for(extractor)
         x = {side: batch[side][0] for side in SIDES}
         z = {"pretrain": module.features(x["pretrain"], side="pretrain")}
         loss = module.task_loss(z["pretrain"], batch["pretrain"][1])
         width = z["pretrain"].shape[-1]
-        rank = {side: self.rank_for(extractor, x[side], width) for side in SIDES}
+        rank = {
+            side: self.rank_for(extractor, gather_rows(x[side], differentiable=False), width)
+            for side in SIDES
+        }
         logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
         terms = self.terms()
-        if mode == "none":
-            # One backward pass for everything: the plain gradient of each term.
-            with torch.set_grad_enabled(any(side == "harmful" for side, _, _ in terms)):
-                z["harmful"] = module.features(x["harmful"], side="harmful")
-            total = loss
-            for side, kind, lam in terms:
-                value = self._regularizer(kind, z[side], rank[side])
-                total = total + lam * value
-                logs[kind] = value.detach()
-            module.manual_backward(total)
-        elif mode == "exact":
+        if mode == "exact":
             module.manual_backward(loss)
             with torch.no_grad():
                 z["harmful"] = module.features(x["harmful"], side="harmful")
             for side, kind, lam in terms:
-                logs[kind] = self._exact_step(extractor, z[side].detach(), kind, lam, rank[side])
-        else:  # ridge: layer-wise preconditioning in the backward pass of each term
-            module.manual_backward(loss)
-            with preconditioning(extractor, enabled=True):
-                for side, kind, lam in terms:
-                    zs = module.features(x[side], side=side)
-                    value = self._regularizer(kind, zs, rank[side])
-                    module.manual_backward(lam * value)
-                    logs[kind] = value.detach()
-                    if side == "harmful":
-                        z["harmful"] = zs
-            if "harmful" not in z:
-                with torch.no_grad():
-                    z["harmful"] = module.features(x["harmful"], side="harmful")
+                z_all = gather_rows(z[side].detach(), differentiable=False)
+                logs[kind] = self._exact_step(extractor, z_all, kind, lam, rank[side])
+        else:
+            total = loss
+            for side, kind, lam in terms:
+                if mode == "ridge":  # a second forward whose weight gradients are preconditioned
+                    with preconditioning(extractor, enabled=True):
+                        zs = module.features(x[side], side=side)
+                else:
+                    zs = z.get(side)
+                    if zs is None:
+                        zs = z[side] = module.features(x[side], side=side)
+                value = self._regularizer(kind, gather_rows(zs), rank[side])
+                total = total + lam * value
+                logs[kind] = value.detach()
+            module.manual_backward(total)
         for side in SIDES:
-            zs = z[side].detach().reshape(z[side].shape[0], -1)
-            logs[f"kappa_{side}"] = feature_condition_number(zs, rank=rank[side])
+            zs = z.get(side)
+            if zs is None:
+                with torch.no_grad():
+                    zs = module.features(x[side], side=side)
+            z_all = gather_rows(zs.detach().reshape(zs.shape[0], -1), differentiable=False)
+            logs[f"kappa_{side}"] = feature_condition_number(z_all, rank=rank[side])
         return ObjectiveOutput(loss=loss.detach(), logs=logs)
 
     @staticmethod
@@ -277,8 +280,9 @@ class ConditionNumberOptObjective(Objective):
         width = z["pretrain"].shape[-1]
         kappa = {}
         for side in SIDES:
-            rank = self._ranks.rank_for(module.extractor, x[side], width)
-            zs = z[side].reshape(z[side].shape[0], -1)
+            x_all = gather_rows(x[side], differentiable=False)
+            rank = self._ranks.rank_for(module.extractor, x_all, width)
+            zs = gather_rows(z[side].reshape(z[side].shape[0], -1))
             kappa[side] = feature_condition_number(zs, rank=rank)
         log_gap = torch.log(kappa["pretrain"]) - torch.log(kappa["harmful"])
         module.manual_backward(loss + self.lambda_ * log_gap)
@@ -316,8 +320,8 @@ class IMMAObjective(Objective):
     def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
         z_p = module.features(batch["pretrain"][0], side="pretrain")
         loss = module.task_loss(z_p, batch["pretrain"][1])
-        x_h, y_h = batch["harmful"][0], batch["harmful"][1]
-        z_h = module.features(x_h, side="harmful").reshape(x_h.shape[0], -1)
+        x_h, y_h = batch["harmful"][0], gather_rows(batch["harmful"][1], differentiable=False)
+        z_h = gather_rows(module.features(x_h, side="harmful").reshape(x_h.shape[0], -1))
         head = module.head
         weight = torch.zeros_like(head.linear.weight, requires_grad=True)
         bias = torch.zeros_like(head.linear.bias, requires_grad=True)

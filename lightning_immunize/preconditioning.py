@@ -40,10 +40,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_immunize.distributed import all_reduce_sum
+
 __all__ = [
     "MODES",
     "check_mode",
     "input_covariance",
+    "global_input_covariance",
     "ridge_solve",
     "preconditioned_gradient",
     "PreconditionedLinear",
@@ -67,6 +70,14 @@ def input_covariance(X: Tensor) -> Tensor:
     """Mean input covariance ``XᵀX/N`` (D×D, float64) of inputs ``X`` of shape (..., D)."""
     X64 = X.detach().reshape(-1, X.shape[-1]).to(DTYPE)
     return X64.mT @ X64 / X64.shape[0]
+
+
+def global_input_covariance(X: Tensor) -> Tensor:
+    """``XᵀX/N`` over the inputs of every DDP rank (D×D, float64); local when not distributed."""
+    X64 = X.detach().reshape(-1, X.shape[-1]).to(DTYPE)
+    gram = all_reduce_sum(X64.mT @ X64)
+    count = all_reduce_sum(torch.tensor(float(X64.shape[0]), dtype=DTYPE, device=X.device))
+    return gram / count
 
 
 def ridge_solve(sigma: Tensor, grad: Tensor, ridge: float = 1e-3) -> Tensor:
@@ -127,7 +138,7 @@ class _PreconditionedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # weight = θᵀ, so ∇_W = (∇_θ)ᵀ and the preconditioned ∇_W is ((Σ+ρI)⁻¹∇_θ)ᵀ.
             grad_theta = flat_x.mT.to(DTYPE) @ flat_g.to(DTYPE)
-            grad_w = ridge_solve(input_covariance(flat_x), grad_theta, ctx.ridge).mT
+            grad_w = ridge_solve(global_input_covariance(flat_x), grad_theta, ctx.ridge).mT
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_g.sum(0)
@@ -145,7 +156,8 @@ class PreconditionedLinear(nn.Linear):
     """``nn.Linear`` whose backward multiplies the weight gradient by ``(Σ_x + ρI)⁻¹``.
 
     ``Σ_x = xᵀx/N`` is the mean covariance of the inputs of this forward call (all leading
-    dimensions flattened). With ``precondition=False`` it is a plain ``nn.Linear``.
+    dimensions flattened), over every DDP rank when a process group is initialised. With
+    ``precondition=False`` it is a plain ``nn.Linear``.
 
     >>> layer = PreconditionedLinear(3, 2, bias=False)
     >>> with preconditioning(layer, enabled=False):
