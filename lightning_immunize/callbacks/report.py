@@ -72,6 +72,7 @@ def immunization_report(
                 num_groups=num_groups,
                 group_size=min(group_size, X_P.shape[0], X_H.shape[0]),
                 seed=seed,
+                sync_on_compute=False,  # every rank holds the full split already
             )
             metric.update(
                 extract_features(extractor, X_P),

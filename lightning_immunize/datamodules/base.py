@@ -26,7 +26,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from lightning_immunize.distributed import world_size
 
 __all__ = ["PairedDataModule", "TRAIN_MODES", "EVAL_MODES", "TASKS", "SPLITS", "SIDES"]
 
@@ -229,12 +231,19 @@ class PairedDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool, offset: int) -> DataLoader:
         generator = None
         shuffle = train and self.shuffle
-        if shuffle:
+        sampler = None
+        if train and world_size() > 1:
+            # Our own DistributedSampler: Lightning's would always shuffle training data, which
+            # breaks ``shuffle=False`` (and the DDP = single-process test of record).
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + offset)
+            shuffle = False
+        elif shuffle:
             generator = torch.Generator().manual_seed(self.seed + offset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             drop_last=self.drop_last if train else False,
             num_workers=self.num_workers,
