@@ -31,6 +31,9 @@ from lightning_immunize.conditioning import (
     feature_r_max,
     feature_r_min,
     feature_spectral_gradient,
+    r_max,
+    r_min,
+    spectral_gradient,
 )
 from lightning_immunize.distributed import gather_rows
 from lightning_immunize.models import LinearExtractor
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 SIDES = ("pretrain", "harmful")
+COVARIANCE_ESTIMATORS = ("batch", "ema")
 
 
 @dataclass
@@ -74,6 +78,13 @@ class Objective:
 
     def prepare(self, module: ImmunizationModule) -> None:
         """Adapt the model once, when the module is built (default: nothing)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Running state to keep in checkpoints (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def hyperparameters(self) -> dict[str, Any]:
         """The objective's settings, for logs and exported metadata."""
@@ -103,6 +114,12 @@ class ConditionNumberObjective(Objective):
         rank_rule: ``"input"`` (SPEC §2 input-rank rule: κ over the top ``rank(X_batch)``
             eigenvalues; linear extractors), ``"tolerance"``, or ``"auto"`` (``input`` for a
             :class:`LinearExtractor`, else ``tolerance``).
+        covariance: ``"batch"`` (the paper: each step's global batch, ``S = ZᵀZ/B``) or
+            ``"ema"``: ``S = β·S_run + (1−β)·ZᵀZ/B`` with ``S_run`` the running estimate
+            (``β = ema_decay``; the first step uses the batch alone). Only the current batch
+            carries the gradient, so small batches (64 against 768 features) still see a
+            full-rank covariance. ``ema`` works on the K×K covariance (no Gram route) with the
+            tolerance rule for κ; its running estimate is saved in checkpoints.
     """
 
     name = "ours"
@@ -114,8 +131,20 @@ class ConditionNumberObjective(Objective):
         preconditioner: str = "auto",
         ridge: float = 1e-3,
         rank_rule: str = "auto",
+        covariance: str = "batch",
+        ema_decay: float = 0.9,
     ) -> None:
         self.lambda_pretrain = _check_lambda("lambda_pretrain", lambda_pretrain)
+        if covariance not in COVARIANCE_ESTIMATORS:
+            raise ValueError(
+                f"Unknown covariance estimator {covariance!r}; expected one of "
+                f"{COVARIANCE_ESTIMATORS}."
+            )
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+        self.covariance = covariance
+        self.ema_decay = float(ema_decay)
+        self._running: dict[str, Tensor] = {}
         self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
         if preconditioner != "auto":
             check_mode(preconditioner)
@@ -199,7 +228,7 @@ class ConditionNumberObjective(Objective):
                 z["harmful"] = module.features(x["harmful"], side="harmful")
             for side, kind, lam in terms:
                 z_all = gather_rows(z[side].detach(), differentiable=False)
-                logs[kind] = self._exact_step(extractor, z_all, kind, lam, rank[side])
+                logs[kind] = self._exact_step(extractor, z_all, kind, lam, rank[side], side)
         else:
             total = loss
             for side, kind, lam in terms:
@@ -210,7 +239,7 @@ class ConditionNumberObjective(Objective):
                     zs = z.get(side)
                     if zs is None:
                         zs = z[side] = module.features(x[side], side=side)
-                value = self._regularizer(kind, gather_rows(zs), rank[side])
+                value = self._regularizer(kind, gather_rows(zs), rank[side], side)
                 total = total + lam * value
                 logs[kind] = value.detach()
             module.manual_backward(total)
@@ -223,19 +252,52 @@ class ConditionNumberObjective(Objective):
             logs[f"kappa_{side}"] = feature_condition_number(z_all, rank=rank[side])
         return ObjectiveOutput(loss=loss.detach(), logs=logs)
 
-    @staticmethod
-    def _regularizer(kind: str, z: Tensor, rank: int | None) -> Tensor:
+    def _regularizer(self, kind: str, z: Tensor, rank: int | None, side: str) -> Tensor:
         z = z.reshape(z.shape[0], -1) / math.sqrt(z.shape[0])
+        if self.covariance == "ema":
+            S, _ = self._ema_covariance(z, side)
+            return r_min(S) if kind == "r_min" else r_max(S)
         return feature_r_min(z, rank=rank) if kind == "r_min" else feature_r_max(z, rank=rank)
 
+    def _ema_covariance(self, z: Tensor, side: str) -> tuple[Tensor, float]:
+        """``(S, weight of the batch part)``; updates the running estimate of ``side``."""
+        z64 = z.to(torch.float64)
+        batch = z64.mT @ z64
+        previous = self._running.get(side)
+        if previous is None or previous.shape != batch.shape:
+            S, weight = batch, 1.0
+        else:
+            weight = 1.0 - self.ema_decay
+            S = self.ema_decay * previous.to(batch.device) + weight * batch
+        self._running[side] = S.detach()
+        return S, weight
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"running_{side}": S.cpu() for side, S in self._running.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self._running = {k.removeprefix("running_"): v for k, v in state.items()}
+
     def _exact_step(
-        self, extractor: LinearExtractor, z: Tensor, kind: str, lam: float, rank: int | None
+        self,
+        extractor: LinearExtractor,
+        z: Tensor,
+        kind: str,
+        lam: float,
+        rank: int | None,
+        side: str,
     ) -> Tensor:
         """Add ``λ·2θ∇_S R`` (the exact preconditioned gradient, D×K) to θ's gradient."""
         weight = extractor.linear.weight  # θᵀ, K×D
-        value, grad_theta = feature_spectral_gradient(
-            z / math.sqrt(z.shape[0]), kind, rank=rank, left=weight.detach().mT
-        )
+        z = z / math.sqrt(z.shape[0])
+        if self.covariance == "ema":
+            S, batch_weight = self._ema_covariance(z, side)
+            value, grad_S = spectral_gradient(S, kind)
+            grad_theta = batch_weight * (weight.detach().mT.to(torch.float64) @ grad_S)
+        else:
+            value, grad_theta = feature_spectral_gradient(
+                z, kind, rank=rank, left=weight.detach().mT
+            )
         update = (2.0 * lam * grad_theta.mT).to(weight.dtype)
         weight.grad = update if weight.grad is None else weight.grad + update
         return value
@@ -252,8 +314,12 @@ class RMaxOnlyObjective(ConditionNumberObjective):
         preconditioner: str = "auto",
         ridge: float = 1e-3,
         rank_rule: str = "auto",
+        covariance: str = "batch",
+        ema_decay: float = 0.9,
     ) -> None:
-        super().__init__(0.0, lambda_harmful, preconditioner, ridge, rank_rule)
+        super().__init__(
+            0.0, lambda_harmful, preconditioner, ridge, rank_rule, covariance, ema_decay
+        )
 
 
 class ConditionNumberOptObjective(Objective):
@@ -530,7 +596,11 @@ class ImmunizationModule(pl.LightningModule):
             return
         scheduler.step()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.objective.load_state_dict(checkpoint.get("objective_state", {}))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["objective_state"] = self.objective.state_dict()
         # Plain types only, so the checkpoint still loads with ``weights_only=True``.
         checkpoint["immunization"] = {
             "method": self.objective.name,

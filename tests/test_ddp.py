@@ -35,8 +35,10 @@ def linear_case():
     scale = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
     x_p = torch.randn(2 * B * STEPS, d, generator=gen, dtype=torch.float64) * scale
     x_h = torch.randn(2 * B * STEPS, d, generator=gen, dtype=torch.float64) * scale.flip(0)
-    data = (TensorDataset(x_p, torch.zeros(len(x_p), dtype=torch.float64)),
-            TensorDataset(x_h, torch.ones(len(x_h), dtype=torch.float64)))
+    data = (
+        TensorDataset(x_p, torch.zeros(len(x_p), dtype=torch.float64)),
+        TensorDataset(x_h, torch.ones(len(x_h), dtype=torch.float64)),
+    )
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(d, d, seed=0),
@@ -52,12 +54,21 @@ def timm_case():
     n = 2 * B * STEPS
     x_p = torch.randn(n, 1, 16, 16, generator=gen, dtype=torch.float64)
     x_h = torch.randn(n, 1, 16, 16, generator=gen, dtype=torch.float64) * 2
-    data = (TensorDataset(x_p, torch.randint(0, 3, (n,), generator=gen)),
-            TensorDataset(x_h, torch.randint(0, 3, (n,), generator=gen)))
+    data = (
+        TensorDataset(x_p, torch.randint(0, 3, (n,), generator=gen)),
+        TensorDataset(x_h, torch.randint(0, 3, (n,), generator=gen)),
+    )
     torch.manual_seed(0)
     backbone = TimmBackbone(
-        "vit_tiny_patch16_224", in_chans=1, img_size=16, patch_size=8, depth=2,
-        embed_dim=16, num_heads=2, num_classes=3, trainable="last:1",
+        "vit_tiny_patch16_224",
+        in_chans=1,
+        img_size=16,
+        patch_size=8,
+        depth=2,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=3,
+        trainable="last:1",
     )
     module = ImmunizationModule(
         backbone,

@@ -196,3 +196,35 @@ def test_default_dataloader_sizes_work_with_paired_loader():
     )
     trainer.fit(module, dm)
     assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize("mode", ["exact", "none"])
+def test_ema_covariance_runs_and_keeps_its_running_estimate(mode, tmp_path):
+    batch = linear_batch(4)
+    objective = ConditionNumberObjective(
+        1.0, 1.0, preconditioner=mode, covariance="ema", ema_decay=0.5
+    )
+    module = linear_module(objective, lr=1e-3)
+    module.manual_backward = lambda loss: loss.backward()
+    module.objective.backward(module, batch)
+    first = {k: v.clone() for k, v in objective.state_dict().items()}
+    x_p = batch["pretrain"][0]
+    with torch.no_grad():
+        z = module.extractor(x_p)
+    assert torch.allclose(first["running_pretrain"], z.T @ z / z.shape[0])  # step 1: the batch
+    module.objective.backward(module, batch)
+    second = objective.state_dict()["running_pretrain"]
+    assert torch.allclose(second, 0.5 * first["running_pretrain"] + 0.5 * (z.T @ z) / z.shape[0])
+    # the running estimate travels with the checkpoint
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh = linear_module(ConditionNumberObjective(covariance="ema"))
+    fresh.on_load_checkpoint(checkpoint)
+    assert torch.equal(fresh.objective.state_dict()["running_pretrain"], second)
+
+
+def test_bad_covariance_estimator():
+    with pytest.raises(ValueError, match="Unknown covariance estimator 'mean'"):
+        ConditionNumberObjective(covariance="mean")
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        ConditionNumberObjective(covariance="ema", ema_decay=1.0)
