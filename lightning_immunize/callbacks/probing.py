@@ -191,15 +191,14 @@ class ProbingCallback(ReferenceKeeper):
             metrics[f"{prefix}/progress_ratio"] = row["progress_ratio"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        self._write(trainer)
+        # ``trainer.log_dir`` broadcasts under DDP: every rank must ask, only rank 0 writes.
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        self._write(Path(self.dirpath) if self.dirpath else root / "probing")
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer) -> None:
+    def _write(self, directory: Path) -> None:
         from lightning_immunize.callbacks.plots import plot_attackers, plot_norm_ratio
 
-        directory = Path(
-            self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "probing"
-        )
         self.study.write_csv(directory / "curves.csv")
         plot_norm_ratio(self.study, directory / "norm_ratio.png")
         plot_attackers(self.study, directory / "attackers.png")

@@ -172,11 +172,12 @@ class ImmunizationReport(ReferenceKeeper):
         if self._start is not None:
             report["seconds"] = time.perf_counter() - self._start
         self.report = report
-        self._write(trainer, report)
+        # ``trainer.log_dir`` broadcasts under DDP: every rank must ask, only rank 0 writes.
+        self._write(Path(self.dirpath or trainer.log_dir or trainer.default_root_dir), report)
 
+    @staticmethod
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
-        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+    def _write(directory: Path, report: dict[str, Any]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / REPORT_NAME
         path.write_text(json.dumps(report, indent=2, default=float) + "\n")
