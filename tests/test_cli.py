@@ -61,7 +61,7 @@ def test_fit_writes_immunization_json(digits_run: Path):
         report["kappa_harmful"] / report["kappa_harmful_reference"]
     )
     assert report["method"] == "ours" and report["objective"]["lambda_harmful"] == 1000.0
-    assert 0.0 <= report["task_metric"] <= 1.0
+    assert 0.0 <= report["task_metric"] <= 1.0 and 0.0 <= report["task_metric_before"] <= 1.0
     assert list((digits_run / "checkpoints").glob("*.ckpt"))
 
 

@@ -40,6 +40,32 @@ REPORT_NAME = "immunization.json"
 
 
 @torch.no_grad()
+def task_metric(
+    module: pl.LightningModule, datamodule: Any, split: str = "train"
+) -> dict[str, Any]:
+    """The head's metric on D_P's validation split (``split`` when there is none):
+    ``{"task_metric", "task_metric_name", "task_split"}``, or ``{}`` without a usable head."""
+    head = getattr(module, "head", None)
+    if head is None or not hasattr(head, "metric"):
+        return {}
+    try:
+        X, y, _, _ = datamodule.full_tensors("val")
+        used = "val"
+    except ValueError:
+        X, y, _, _ = datamodule.full_tensors(split)
+        used = split
+    was_training = module.training
+    module.eval()
+    try:
+        param = next(head.parameters())
+        output = head(extract_features(module.extractor, X).to(param.device, param.dtype))
+        value = float(head.metric(output, y.to(param.device)))
+    finally:
+        module.train(was_training)
+    return {"task_metric": value, "task_metric_name": head.metric_name, "task_split": used}
+
+
+@torch.no_grad()
 def immunization_report(
     module: pl.LightningModule,
     datamodule: Any,
@@ -82,17 +108,7 @@ def immunization_report(
             )
             report = metric.compute()
         report["split"] = split
-        head = getattr(module, "head", None)
-        if head is not None and hasattr(head, "metric"):
-            try:
-                X_m, y_m, _, _ = datamodule.full_tensors("val")
-                report["task_split"] = "val"
-            except ValueError:
-                X_m, y_m, report["task_split"] = X_P, y_P, split
-            param = next(head.parameters())
-            output = head(extract_features(extractor, X_m).to(param.device, param.dtype))
-            report["task_metric"] = float(head.metric(output, y_m.to(param.device)))
-            report["task_metric_name"] = head.metric_name
+        report.update(task_metric(module, datamodule, split))
     finally:
         extractor.train(was_training)
     objective = getattr(module, "objective", None)
@@ -113,6 +129,9 @@ def format_report(report: dict[str, Any]) -> str:
         ("kappa_pretrain", report["kappa_pretrain"]),
         ("kappa_pretrain_reference", report["kappa_pretrain_reference"]),
     ]
+    if "task_metric_before" in report:
+        name = f"task {report['task_metric_name']} before fit"
+        rows.append((name, report["task_metric_before"]))
     if "task_metric" in report:
         rows.append(
             (f"task {report['task_metric_name']} ({report['task_split']})", report["task_metric"])
@@ -153,11 +172,13 @@ class ImmunizationReport(ReferenceKeeper):
         self.split = split
         self.num_groups, self.group_size = num_groups, group_size
         self._start: float | None = None
+        self._before: dict[str, Any] = {}
         self.reference = None
         self.report: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._before = task_metric(pl_module, trainer.datamodule, self.split)
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,6 +192,8 @@ class ImmunizationReport(ReferenceKeeper):
         )
         if self._start is not None:
             report["seconds"] = time.perf_counter() - self._start
+        if "task_metric" in self._before:
+            report["task_metric_before"] = self._before["task_metric"]
         self.report = report
         # ``trainer.log_dir`` broadcasts under DDP: every rank must ask, only rank 0 writes.
         self._write(Path(self.dirpath or trainer.log_dir or trainer.default_root_dir), report)
