@@ -146,14 +146,28 @@ def format_report(report: dict[str, Any]) -> str:
 
 class ReferenceKeeper(pl.Callback):
     """Keeps a copy of a non-linear extractor as it is when fit starts: θ_0, the reference of
-    the deep RIR (a linear extractor's reference is the identity, nothing to keep)."""
+    the deep RIR (a linear extractor's reference is the identity, nothing to keep), and
+    computes :func:`immunization_report` against it."""
 
     reference: torch.nn.Module | None = None
+    split: str = "train"
+    num_groups: int = 20
+    group_size: int = 100
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         extractor = pl_module.extractor
         if not isinstance(extractor, LinearExtractor) and self.reference is None:
             self.reference = copy.deepcopy(extractor).eval()
+
+    def compute_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return immunization_report(
+            pl_module,
+            trainer.datamodule,
+            self.split,
+            self.reference,
+            self.num_groups,
+            self.group_size,
+        )
 
 
 class ImmunizationReport(ReferenceKeeper):
@@ -182,14 +196,7 @@ class ImmunizationReport(ReferenceKeeper):
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        report = immunization_report(
-            pl_module,
-            trainer.datamodule,
-            self.split,
-            self.reference,
-            self.num_groups,
-            self.group_size,
-        )
+        report = self.compute_report(trainer, pl_module)
         if self._start is not None:
             report["seconds"] = time.perf_counter() - self._start
         if "task_metric" in self._before:

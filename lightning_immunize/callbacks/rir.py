@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_immunize.callbacks.report import ReferenceKeeper, immunization_report
+from lightning_immunize.callbacks.report import ReferenceKeeper
 
 __all__ = ["RIRCallback"]
 
@@ -50,14 +50,7 @@ class RIRCallback(ReferenceKeeper):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        report = immunization_report(
-            pl_module,
-            trainer.datamodule,
-            self.split,
-            self.reference,
-            self.num_groups,
-            self.group_size,
-        )
+        report = self.compute_report(trainer, pl_module)
         self.last = report
         for key in LOGGED:
             pl_module.log(
