@@ -517,12 +517,28 @@ class ImmunizationModule(pl.LightningModule):
     # -- model ------------------------------------------------------------------------------
 
     def features(self, x: Tensor, side: str = "pretrain") -> Tensor:
-        """Features ``f_θ(x)`` (B, K); ``side`` names the dataset in error messages."""
+        """Features ``f_θ(x)`` (B, K); ``side`` names the dataset in error messages.
+
+        Raises ``ValueError`` for a batch of one sample and for NaN/inf in the inputs or the
+        features, naming the step, the dataset and the tensor.
+        """
         if x.shape[0] < 2:
             raise ValueError(
                 f"the {side} batch has {x.shape[0]} sample(s); the regularizers need at least 2."
             )
-        return self.extractor(x)
+        self._check_finite(x, side, "inputs")
+        z = self.extractor(x)
+        self._check_finite(z, side, "features")
+        return z
+
+    def _check_finite(self, t: Tensor, side: str, what: str) -> None:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            step = self.trainer.global_step if self._trainer is not None else "?"
+            raise ValueError(
+                f"non-finite {what} (NaN or inf in {bad} of {t.numel()} entries) in the "
+                f"{side} dataset's batch at training step {step}."
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.extractor(x))
@@ -561,7 +577,14 @@ class ImmunizationModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
+        for side in SIDES:  # before any objective touches them, so the message names the side
+            self._check_finite(batch[side][0], side, "inputs")
         out = self.objective.backward(self, batch)
+        if not torch.isfinite(out.loss):
+            raise ValueError(
+                f"non-finite task loss ({float(out.loss)}) on the pretrain dataset's batch at "
+                f"training step {self.trainer.global_step}."
+            )
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()

@@ -228,3 +228,25 @@ def test_bad_covariance_estimator():
         ConditionNumberObjective(covariance="mean")
     with pytest.raises(ValueError, match="ema_decay must be in"):
         ConditionNumberObjective(covariance="ema", ema_decay=1.0)
+
+
+@pytest.mark.parametrize("side", ["pretrain", "harmful"])
+def test_nan_inputs_are_named_with_step_and_dataset(side):
+    batch = linear_batch(5)
+    x = batch[side][0].clone()
+    x[3, 2] = float("nan")
+    batch[side] = (x, batch[side][1])
+    module = linear_module(ConditionNumberObjective())
+    with pytest.raises(
+        ValueError,
+        match=rf"non-finite inputs .*1 of 256 entries.* {side} dataset's batch at training step 0",
+    ):
+        run_steps(module, batch, 1)
+
+
+def test_nan_loss_is_reported():
+    batch = linear_batch(6)
+    batch["pretrain"] = (batch["pretrain"][0], torch.full_like(batch["pretrain"][1], float("nan")))
+    module = linear_module(ConditionNumberObjective(0.0, 0.0))
+    with pytest.raises(ValueError, match="non-finite task loss .* training step 0"):
+        run_steps(module, batch, 1)
