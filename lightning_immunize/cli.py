@@ -69,7 +69,7 @@ def _export(argv: Sequence[str]) -> int:
     )
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        for key in ("rir", "ratio_harmful", "ratio_pretrain", "immunized"):
+        for key in ("rir", "ratio_harmful", "ratio_pretrain", "immunized", "data_fingerprint"):
             if key in report:
                 metadata[key] = report[key]
     elif args.report:

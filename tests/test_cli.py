@@ -90,6 +90,8 @@ def test_export_and_reload(digits_run: Path, tmp_path: Path, capsys):
     assert meta["method"] == "ours" and float(meta["lambda_harmful"]) == 1000.0
     assert float(meta["rir"]) == pytest.approx(report["rir"])
     assert "library_version" in meta
+    assert json.loads(meta["data_fingerprint"]) == report["data_fingerprint"]
+    assert len(report["data_fingerprint"]["harmful"]) == 16
     extractor = LinearExtractor(64, 64)
     load_exported(out, extractor)
     state = load_checkpoint(ckpt)["state_dict"]

@@ -12,6 +12,7 @@ fit started (``θ_0``, Eq. 17), κ by the tolerance rule on the full features.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,17 @@ __all__ = [
 ]
 
 REPORT_NAME = "immunization.json"
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of the tensors' dtypes, shapes and bytes: which data a
+    model was immunized and measured on, without the data."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -108,6 +120,10 @@ def immunization_report(
             )
             report = metric.compute()
         report["split"] = split
+        report["data_fingerprint"] = {
+            "pretrain": fingerprint(X_P, y_P),
+            "harmful": fingerprint(X_H, datamodule.full_tensors(split)[3]),
+        }
         report.update(task_metric(module, datamodule, split))
     finally:
         extractor.train(was_training)
