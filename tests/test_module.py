@@ -250,3 +250,13 @@ def test_nan_loss_is_reported():
     module = linear_module(ConditionNumberObjective(0.0, 0.0))
     with pytest.raises(ValueError, match="non-finite task loss .* training step 0"):
         run_steps(module, batch, 1)
+
+
+def test_ridge_needs_linear_layers():
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Tanh())
+    with pytest.raises(ValueError, match="'ridge' needs nn.Linear layers.*Sequential"):
+        ImmunizationModule(
+            extractor,
+            ClassifierHead(4, 1, "binary"),
+            ConditionNumberObjective(preconditioner="ridge"),
+        )
