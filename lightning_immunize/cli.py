@@ -79,6 +79,25 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
+def instantiate(args: Sequence[str]):
+    """A LightningCLI (not run) holding the module, data module and trainer that ``args``
+    (config files and overrides, as on the command line) describe."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_immunize.datamodules import PairedDataModule
+    from lightning_immunize.module import ImmunizationModule
+
+    return LightningCLI(
+        ImmunizationModule,
+        PairedDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=list(args),
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+    )
+
+
 def load_trained(config: str | Path, ckpt: str | Path):
     """``(module, datamodule, θ_0)`` from a run's config and checkpoint.
 
@@ -89,21 +108,10 @@ def load_trained(config: str | Path, ckpt: str | Path):
     import copy
 
     import torch
-    from lightning.pytorch.cli import LightningCLI
 
-    from lightning_immunize.datamodules import PairedDataModule
     from lightning_immunize.export import load_checkpoint
-    from lightning_immunize.module import ImmunizationModule
 
-    cli = LightningCLI(
-        ImmunizationModule,
-        PairedDataModule,
-        subclass_mode_data=True,
-        run=False,
-        args=["--config", str(config), "--trainer.logger", "false"],
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-    )
+    cli = instantiate(["--config", str(config), "--trainer.logger", "false"])
     module, datamodule = cli.model, cli.datamodule
     reference = copy.deepcopy(module.extractor).eval()
     state = load_checkpoint(ckpt)["state_dict"]

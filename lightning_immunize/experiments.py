@@ -160,22 +160,12 @@ def _cli_args(protocol_spec: dict[str, Any], run: Run) -> list[str]:
 
 def _execute(protocol_spec: dict[str, Any], run: Run, curves_dir: Path | None) -> dict[str, Any]:
     import torch
-    from lightning.pytorch.cli import LightningCLI
 
     from lightning_immunize.callbacks.report import immunization_report
-    from lightning_immunize.datamodules import PairedDataModule
+    from lightning_immunize.cli import instantiate
     from lightning_immunize.models import LinearExtractor
-    from lightning_immunize.module import ImmunizationModule
 
-    cli = LightningCLI(
-        ImmunizationModule,
-        PairedDataModule,
-        subclass_mode_data=True,
-        run=False,
-        args=_cli_args(protocol_spec, run),
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-    )
+    cli = instantiate(_cli_args(protocol_spec, run))
     module, datamodule = cli.model, cli.datamodule
     start = time.perf_counter()
     if run.method == "identity":

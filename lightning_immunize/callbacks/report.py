@@ -97,7 +97,7 @@ def immunization_report(
     was_training = extractor.training
     extractor.eval()
     try:
-        X_P, y_P, X_H, _ = datamodule.full_tensors(split)
+        X_P, y_P, X_H, y_H = datamodule.full_tensors(split)
         if isinstance(extractor, LinearExtractor):
             report = linear_immunization_ratios(extractor, X_P, X_H)
         else:
@@ -122,7 +122,7 @@ def immunization_report(
         report["split"] = split
         report["data_fingerprint"] = {
             "pretrain": fingerprint(X_P, y_P),
-            "harmful": fingerprint(X_H, datamodule.full_tensors(split)[3]),
+            "harmful": fingerprint(X_H, y_H),
         }
         report.update(task_metric(module, datamodule, split))
     finally:
