@@ -205,7 +205,9 @@ def _reproduce(argv: Sequence[str]) -> int:
         description="Run a paper protocol for several methods and seeds (resumable) and write "
         "table.md and figures.",
     )
-    parser.add_argument("protocol", choices=["house-prices", "digits", "mnist"])
+    from lightning_immunize.experiments import PROTOCOLS  # yaml only: cheap
+
+    parser.add_argument("protocol", choices=PROTOCOLS)
     parser.add_argument("--out", required=True, help="output folder (runs.csv, table.md, PNGs)")
     parser.add_argument(
         "--methods", default=None, help="comma-separated, e.g. identity,rmax_only,imma,opt,ours"

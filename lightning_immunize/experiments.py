@@ -4,7 +4,9 @@ Every (method, seed, digit pair) of a protocol runs in one process; each finishe
 appended to ``<out>/runs.csv`` at once, so an interrupted sweep resumes where it stopped and
 never repeats a finished run. At the end (and on every resume) the summary is rewritten:
 ``table.md``, the 10×10 ``heatmap_<method>.png`` maps of RIR for the digit protocols, and
-``norm_ratio.png`` (the paper's Fig. 1) for house prices.
+``norm_ratio.png`` (the paper's Fig. 1) for house prices. The deep protocol (``deep-mnist``)
+measures the deep RIR against θ_0 and the accuracy of linear-probing attackers epoch by epoch
+(``probes/*.json``, the probe table in ``table.md`` and ``probe_accuracy.png``, Fig. 3).
 
 Protocol defaults, including every method's tuned λ, live in ``configs/reproduce.yaml``.
 """
@@ -36,7 +38,9 @@ __all__ = [
     "summary_table",
 ]
 
-PROTOCOLS = ("house-prices", "digits", "mnist")
+PROTOCOLS = ("house-prices", "digits", "mnist", "deep-mnist")
+#: Protocols with a deep extractor: RIR against θ_0, accuracy-curve probes.
+DEEP_PROTOCOLS = ("deep-mnist",)
 METHODS = ("identity", "rmax_only", "imma", "opt", "ours")
 RUN_COLUMNS = [
     "method",
@@ -52,7 +56,11 @@ RUN_COLUMNS = [
     "kappa_harmful_reference",
     "kappa_pretrain_reference",
     "task_metric",
+    "task_metric_before",
     "task_metric_name",
+    "rir_std",
+    "ratio_harmful_std",
+    "ratio_pretrain_std",
     "seconds",
 ]
 #: Colour range of the RIR heat-maps (log scale, symmetric around 1).
@@ -102,7 +110,7 @@ def plan_runs(
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected a subset of {list(METHODS)}.")
-    if protocol == "house-prices":
+    if protocol == "house-prices" or protocol in DEEP_PROTOCOLS:
         return [Run(m, s) for s in seeds for m in methods]
     pairs = pairs if pairs is not None else [(a, b) for a in range(10) for b in range(10) if a != b]
     return [Run(m, s, a, b) for (a, b) in pairs for s in seeds for m in methods]
@@ -156,6 +164,52 @@ def _cli_args(protocol_spec: dict[str, Any], run: Run) -> list[str]:
     for key, value in (method_spec.get("overrides") or {}).items():
         args += [f"--{key}", str(value)]
     return args
+
+
+def _execute_deep(protocol_spec: dict[str, Any], run: Run, out: Path) -> dict[str, Any]:
+    """A deep run: θ_0 from its cache (or trained once), fit unless ``identity``, the deep RIR
+    against θ_0 and the probe accuracy curves (written to ``<out>/probes``)."""
+    import copy
+
+    from lightning_immunize.callbacks.pretrain import PretrainFromScratch
+    from lightning_immunize.callbacks.probing import probe_accuracy_curves
+    from lightning_immunize.callbacks.report import immunization_report, task_metric
+    from lightning_immunize.cli import instantiate
+
+    cli = instantiate(_cli_args(protocol_spec, run))
+    module, datamodule = cli.model, cli.datamodule
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, PretrainFromScratch):
+            callback.apply(module, datamodule)
+    reference = copy.deepcopy(module.extractor).eval()
+    before = task_metric(module, datamodule)
+    start = time.perf_counter()
+    if run.method != "identity":
+        cli.trainer.fit(module, datamodule)
+    seconds = time.perf_counter() - start
+    probe = protocol_spec.get("probe", {})
+    report = immunization_report(
+        module,
+        datamodule,
+        reference_extractor=reference,
+        num_groups=int(probe.get("num_groups", 20)),
+        group_size=int(probe.get("group_size", 100)),
+        seed=run.seed,
+    )
+    report["task_metric_before"] = before.get("task_metric", "")
+    report["seconds"] = seconds
+    curves = probe_accuracy_curves(
+        module.extractor,
+        datamodule,
+        epochs=int(probe.get("epochs", 20)),
+        adam_lr=float(probe.get("adam_lr", 1e-3)),
+        batch_size=int(probe.get("batch_size", 64)),
+        seed=run.seed,
+    )
+    probes_dir = out / "probes"
+    probes_dir.mkdir(parents=True, exist_ok=True)
+    (probes_dir / f"{run.method}_seed{run.seed}.json").write_text(json.dumps(curves) + "\n")
+    return report
 
 
 def _execute(protocol_spec: dict[str, Any], run: Run, curves_dir: Path | None) -> dict[str, Any]:
@@ -238,7 +292,10 @@ def run_sweep(
     curves_dir = out / "curves" if protocol == "house-prices" else None
     _quiet()
     for run in _progress(todo, progress, protocol, len(done)):
-        report = _execute(spec, run, curves_dir)
+        if protocol in DEEP_PROTOCOLS:
+            report = _execute_deep(spec, run, out)
+        else:
+            report = _execute(spec, run, curves_dir)
         row = {**report, "method": run.method, "seed": run.seed}
         row["pretrain"], row["harmful"] = _cell(run.pretrain), _cell(run.harmful)
         _append_row(runs_csv, row)
@@ -297,6 +354,153 @@ def summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = No
     return "\n".join(lines)
 
 
+#: Probe epochs whose accuracy the deep tables show.
+PROBE_EPOCHS_SHOWN = (1, 5, 20)
+#: Epochs-to-threshold: the fraction of θ_0's final probe accuracy to reach.
+PROBE_FRACTION = 0.9
+
+
+def read_probes(out: str | Path) -> dict[tuple[str, str], dict[str, dict[str, list[float]]]]:
+    """Probe accuracy curves of a deep sweep, keyed ``(method, seed)``."""
+    probes = {}
+    for f in sorted((Path(out) / "probes").glob("*_seed*.json")):
+        method, seed = f.stem.rsplit("_seed", 1)
+        probes[(method, seed)] = json.loads(f.read_text())
+    return probes
+
+
+def deep_summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -> str:
+    """Markdown: per method, deep RIR figures (mean ± std over seeds of the group means),
+    immunized count, D_P held-out accuracy of θ_0 and after, time."""
+    order = [m for m in (methods or METHODS) if any(r["method"] == m for r in rows)]
+    order += sorted({r["method"] for r in rows} - set(order))
+    lines = [
+        "| method | seeds | ratio_harmful | ratio_pretrain | RIR | immunized | "
+        "D_P accuracy θ_0 | D_P accuracy after | change (points) | seconds / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in order:
+        sel = [r for r in rows if r["method"] == method]
+        after, before = _floats(sel, "task_metric"), _floats(sel, "task_metric_before")
+        change = [100 * (a - b) for a, b in zip(after, before, strict=False)]
+        lines.append(
+            f"| {method} | {len(sel)} | {_mean_std(_floats(sel, 'ratio_harmful'))} | "
+            f"{_mean_std(_floats(sel, 'ratio_pretrain'))} | {_mean_std(_floats(sel, 'rir'))} | "
+            f"{sum(r['immunized'] == 'True' for r in sel)} / {len(sel)} | "
+            f"{_mean_std([100 * b for b in before], 4)} % | "
+            f"{_mean_std([100 * a for a in after], 4)} % | {_mean_std(change, 2)} | "
+            f"{statistics.fmean(_floats(sel, 'seconds')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _epochs_to(curve: list[float], threshold: float) -> int | None:
+    return next((e for e, acc in enumerate(curve) if acc >= threshold), None)
+
+
+def probe_table(
+    probes: dict[tuple[str, str], dict[str, dict[str, list[float]]]],
+    reference: str = "identity",
+    fraction: float = PROBE_FRACTION,
+) -> tuple[str, dict[str, dict[str, dict[str, list[float]]]]]:
+    """Markdown of the probing attackers, and the mean curves per method (for the figure).
+
+    Per (optimizer, side, method): mean held-out accuracy after the epochs of
+    :data:`PROBE_EPOCHS_SHOWN`, and per seed the epochs to reach ``fraction`` of θ_0's final
+    accuracy (θ_0 = the ``reference`` run of the same seed; ``> cap`` when not reached), with
+    a plain verdict against θ_0.
+    """
+    methods = [m for m in METHODS if any(k[0] == m for k in probes)]
+    methods += sorted({k[0] for k in probes} - set(methods))
+    seeds = sorted({k[1] for k in probes}, key=lambda v: (len(v), v))
+    mean_curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for method in methods:
+        runs = [probes[(method, s)] for s in seeds if (method, s) in probes]
+        mean_curves[method] = {
+            side: {
+                opt: [statistics.fmean(c) for c in zip(*(r[side][opt] for r in runs), strict=True)]
+                for opt in runs[0][side]
+            }
+            for side in runs[0]
+        }
+    if not probes:
+        return "", mean_curves
+    first = next(iter(probes.values()))
+    cap = len(next(iter(first["harmful"].values()))) - 1
+    shown = [e for e in PROBE_EPOCHS_SHOWN if e <= cap]
+    lines = [
+        f"Linear probe on frozen penultimate features, {cap} epochs; held-out accuracy (%, mean "
+        f"over seeds) after {', '.join(map(str, shown))} epoch(s), and per seed the epochs to "
+        f"reach {fraction:.0%} of θ_0's final accuracy (same seed; `> {cap}`: not reached).",
+        "",
+        "| optimizer | task | method | "
+        + " | ".join(f"acc @{e}" for e in shown)
+        + " | epochs to threshold (per seed) | vs θ_0 |",
+        "|---|---|---|" + "---|" * len(shown) + "---|---|",
+    ]
+    for opt in ("sgd", "adam"):
+        for side in ("harmful", "pretrain"):
+            for method in methods:
+                cells, slower, faster, compared = [], 0, 0, 0
+                for seed in seeds:
+                    run = probes.get((method, seed))
+                    ref = probes.get((reference, seed))
+                    if run is None or opt not in run.get(side, {}):
+                        continue
+                    if ref is None:
+                        cells.append("—")
+                        continue
+                    threshold = fraction * ref[side][opt][-1]
+                    e_run = _epochs_to(run[side][opt], threshold)
+                    e_ref = _epochs_to(ref[side][opt], threshold)
+                    cells.append(f"> {cap}" if e_run is None else str(e_run))
+                    if method != reference:
+                        compared += 1
+                        a = cap + 1 if e_run is None else e_run
+                        b = cap + 1 if e_ref is None else e_ref
+                        slower += a > b
+                        faster += a < b
+                if not cells:
+                    continue
+                if method == reference or not compared:
+                    verdict = "θ_0" if method == reference else "—"
+                elif slower == compared:
+                    verdict = "**slower** (every seed)"
+                elif slower:
+                    verdict = f"slower on {slower} of {compared} seeds"
+                elif faster:
+                    verdict = f"not slower (faster on {faster} of {compared})"
+                else:
+                    verdict = "not slower"
+                accs = [f"{100 * mean_curves[method][side][opt][e]:.1f}" for e in shown]
+                lines.append(
+                    f"| {opt} | {'D_H' if side == 'harmful' else 'D_P'} | {method} | "
+                    + " | ".join(accs)
+                    + f" | {', '.join(cells)} | {verdict} |"
+                )
+    return "\n".join(lines), mean_curves
+
+
+def _deep_summary(out: Path, rows: list[dict[str, str]]) -> list[str]:
+    from lightning_immunize.callbacks.plots import plot_probe_accuracy
+
+    text = [
+        "Deep RIR of SPEC §6 (Eq. 17) against θ_0 on G groups × n samples of the training "
+        "split (the same groups for θ_0 and θ_I), group means; a run counts as **immunized** "
+        "when RIR > 1, ratio_harmful > 1 and ratio_pretrain ≤ 1. Mean ± std over seeds.",
+        "",
+        deep_summary_table(rows),
+        "",
+    ]
+    table, mean_curves = probe_table(read_probes(out))
+    if table:
+        text += ["## Probing attackers (Fig. 3)", "", table, ""]
+        path = plot_probe_accuracy(mean_curves, out / "probe_accuracy.png")
+        caption = "Probe accuracy per epoch, mean over seeds (Fig. 3)"
+        text += [f"**{caption}**", "", f"![{caption}]({path.name})", ""]
+    return text
+
+
 def write_summary(protocol: str, out: str | Path, command: str | None = None) -> Path:
     """(Re)write ``table.md`` and the figures from ``runs.csv``."""
     out = Path(out)
@@ -304,6 +508,10 @@ def write_summary(protocol: str, out: str | Path, command: str | None = None) ->
     text = [f"# Reproduction: {protocol}", ""]
     if command:
         text += ["Regenerate with:", "", f"```bash\n{command}\n```", ""]
+    if protocol in DEEP_PROTOCOLS:
+        table = out / "table.md"
+        table.write_text("\n".join(text + _deep_summary(out, rows)))
+        return table
     text += [
         "A run counts as **immunized** when RIR > 1, ratio_harmful > 1 and ratio_pretrain ≤ 1 "
         "(SPEC §6); κ by the SPEC §2 input-rank rule. Mean ± std over runs.",

@@ -31,6 +31,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -322,12 +323,20 @@ class TimmBackbone(nn.Module):
               ``resnet18``, ``"last:2"`` is ``layer3`` + ``layer4``; for a ViT,
               ``"last:1"`` is the last block + ``norm`` (+ ``fc_norm`` if used).
         in_chans: number of input channels (timm adapts the stem).
+        num_classes: classifier outputs (default: the model's, 1000 for ImageNet models);
+            the classifier is what :meth:`make_head` returns.
+        seed: when given, the model's random initial weights come from this seed, whatever
+            the global RNG state (``seed_everything``) is: runs with different seeds then
+            start from the same network, as an immunization sweep from one θ_0 needs. The
+            global RNG is left as it was.
         eval_frozen: if true (default), :meth:`train` keeps every sub-module that has
             parameters or buffers but no trainable parameter in eval mode, so frozen
             BatchNorm layers do not update their running statistics and frozen dropout is
             off; it is re-evaluated at each ``train()`` call, so later ``requires_grad``
             changes are honoured.
-        **timm_kwargs: forwarded to ``timm.create_model`` (``img_size``, ``num_classes``, …).
+        model_kwargs: more keyword arguments of ``timm.create_model`` (``img_size``,
+            ``drop_rate``, …), as a mapping so configs can set them.
+        **timm_kwargs: the same, as keyword arguments (Python callers).
 
     Shapes:
         input ``(B, in_chans, H, W)``; output ``(B, num_features)``.
@@ -340,11 +349,18 @@ class TimmBackbone(nn.Module):
         checkpoint_path: str | os.PathLike[str] | None = None,
         trainable: Sequence[str] | str | None = None,
         in_chans: int = 3,
+        num_classes: int | None = None,
+        seed: int | None = None,
         eval_frozen: bool = True,
+        model_kwargs: Mapping[str, Any] | None = None,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
         import timm
+
+        timm_kwargs = {**(model_kwargs or {}), **timm_kwargs}
+        if num_classes is not None:
+            timm_kwargs["num_classes"] = num_classes
 
         if checkpoint_path is not None and not os.path.isfile(os.fspath(checkpoint_path)):
             raise FileNotFoundError(
@@ -352,9 +368,13 @@ class TimmBackbone(nn.Module):
             )
         self.model_name = model_name
         self.eval_frozen = eval_frozen
-        self.model: nn.Module = timm.create_model(
-            model_name, pretrained=pretrained, in_chans=in_chans, **timm_kwargs
-        )
+        private_rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+        with private_rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.model: nn.Module = timm.create_model(
+                model_name, pretrained=pretrained, in_chans=in_chans, **timm_kwargs
+            )
         classifier = self.model.get_classifier()
         if checkpoint_path is not None:
             self._load_checkpoint(checkpoint_path, classifier)

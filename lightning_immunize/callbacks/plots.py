@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lightning_immunize.callbacks.probing import ProbingStudy
 
-__all__ = ["plot_norm_ratio", "plot_attackers"]
+__all__ = ["plot_norm_ratio", "plot_attackers", "plot_probe_accuracy"]
 
 SIDE_TITLES = {"harmful": "harmful task D_H", "pretrain": "pre-training task D_P"}
 ATTACKER_TITLES = {
@@ -93,4 +93,64 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
+    return path
+
+
+PROBE_TITLES = {"sgd": "SGD, fixed step 1/λ_max", "adam": "Adam"}
+
+
+def plot_probe_accuracy(
+    curves: dict[str, dict[str, dict[str, Sequence[float]]]],
+    path: str | Path,
+    reference: str = "identity",
+    threshold: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """The paper's Fig. 3: held-out accuracy of a linear probe epoch by epoch, one panel per
+    (optimizer, side), one curve per method; ``reference`` (θ_0) is drawn dashed.
+
+    ``curves[method][side][optimizer]`` is an accuracy curve (epoch 0 … E); ``threshold``
+    (``[side][optimizer]``) adds a dotted line at the accuracy the epochs-to-threshold
+    figures refer to.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    methods = list(curves)
+    sides = [s for s in SIDE_TITLES if any(s in curves[m] for m in methods)]
+    optimizers = [
+        o for o in PROBE_TITLES if any(o in curves[m].get(s, {}) for m in methods for s in sides)
+    ]
+    fig, axes = plt.subplots(
+        len(optimizers),
+        len(sides),
+        figsize=(5.5 * len(sides), 3.8 * len(optimizers)),
+        squeeze=False,
+        sharex=True,
+    )
+    for i, opt in enumerate(optimizers):
+        for j, side in enumerate(sides):
+            ax = axes[i][j]
+            for method in methods:
+                curve = curves[method].get(side, {}).get(opt)
+                if curve is None:
+                    continue
+                is_ref = method == reference
+                ax.plot(
+                    range(len(curve)),
+                    curve,
+                    "k--" if is_ref else "-",
+                    label="θ_0 (not immunized)" if is_ref else method,
+                    linewidth=2 if is_ref or method == "ours" else 1.2,
+                )
+            if threshold and side in threshold and opt in threshold[side]:
+                ax.axhline(threshold[side][opt], color="grey", linestyle=":", linewidth=1)
+            ax.set_title(f"{SIDE_TITLES[side]}: {PROBE_TITLES[opt]}")
+            ax.set_xlabel("probe epoch")
+            ax.set_ylabel("held-out accuracy")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Linear probe on frozen features: immunized should be slower on D_H only")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

@@ -26,7 +26,15 @@ from lightning_immunize.callbacks.report import ReferenceKeeper
 from lightning_immunize.metrics import extract_features
 from lightning_immunize.probing import ATTACKERS, ProbeTrajectory, run_attackers
 
-__all__ = ["SIDES", "MODELS", "ProbingStudy", "probing_study", "ProbingCallback"]
+__all__ = [
+    "SIDES",
+    "MODELS",
+    "PROBE_OPTIMIZERS",
+    "ProbingStudy",
+    "probing_study",
+    "probe_accuracy_curves",
+    "ProbingCallback",
+]
 
 SIDES = ("harmful", "pretrain")
 MODELS = ("reference", "immunized")
@@ -202,3 +210,68 @@ class ProbingCallback(ReferenceKeeper):
         self.study.write_csv(directory / "curves.csv")
         plot_norm_ratio(self.study, directory / "norm_ratio.png")
         plot_attackers(self.study, directory / "attackers.png")
+
+
+#: Optimizers of the accuracy-curve attacker (:func:`probe_accuracy_curves`).
+PROBE_OPTIMIZERS = ("sgd", "adam")
+
+
+def probe_accuracy_curves(
+    extractor: nn.Module,
+    datamodule: Any,
+    epochs: int = 20,
+    optimizers: Sequence[str] = PROBE_OPTIMIZERS,
+    adam_lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """The deep attacker of SPEC §6 (Fig. 3): a linear probe on the frozen features of each
+    side's training split, held-out (``"val"``) accuracy after every epoch.
+
+    ``"sgd"`` uses plain SGD (no momentum) with the fixed step ``1 / λ_max(ZᵀZ / N)`` of the
+    model's own training features: the textbook step of an ``L``-smooth problem, so no
+    hand-picked learning rate favours either model and the speed depends on the spectrum.
+    ``"adam"`` uses Adam with ``adam_lr``. Both start from the same seeded initialisation.
+
+    Returns:
+        ``{side: {optimizer: [accuracy at epoch 0 … epochs]}}`` with ``side`` in
+        ``("harmful", "pretrain")``.
+    """
+    from lightning_immunize.probing import linear_probe_accuracy
+
+    unknown = [o for o in optimizers if o not in PROBE_OPTIMIZERS]
+    if unknown:
+        raise ValueError(f"unknown probe optimizer(s) {unknown}; valid: {list(PROBE_OPTIMIZERS)}")
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        X_P, y_P, X_H, y_H = datamodule.full_tensors("train")
+        V_P, w_P, V_H, w_H = datamodule.full_tensors("val")
+        sides = {
+            "harmful": (X_H, y_H, V_H, w_H, datamodule.num_classes_harmful),
+            "pretrain": (X_P, y_P, V_P, w_P, datamodule.num_classes_pretrain),
+        }
+        curves: dict[str, dict[str, list[float]]] = {}
+        for side, (X, y, V, w, num_classes) in sides.items():
+            Z, Zv = extract_features(extractor, X), extract_features(extractor, V)
+            lam_max = float(torch.linalg.eigvalsh(Z.T @ Z / Z.shape[0])[-1])
+            lrs = {"sgd": 1.0 / max(lam_max, 1e-12), "adam": adam_lr}
+            curves[side] = {
+                opt: linear_probe_accuracy(
+                    Z,
+                    y,
+                    Zv,
+                    w,
+                    num_classes,
+                    epochs=epochs,
+                    optimizer=opt,
+                    lr=lrs[opt],
+                    batch_size=batch_size,
+                    seed=seed,
+                    momentum=0.0,
+                ).tolist()
+                for opt in optimizers
+            }
+    finally:
+        extractor.train(was_training)
+    return curves

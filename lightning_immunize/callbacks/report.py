@@ -170,10 +170,20 @@ class ReferenceKeeper(pl.Callback):
     num_groups: int = 20
     group_size: int = 100
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # In ``setup``: before a checkpoint is restored (a resumed run keeps the θ_0 its config
+        # builds, not the half-trained weights) and after callbacks listed earlier that load
+        # θ_0 (PretrainFromScratch).
+        if stage == "fit":
+            self.keep_reference(pl_module)
+
+    def keep_reference(self, pl_module: pl.LightningModule) -> None:
         extractor = pl_module.extractor
         if not isinstance(extractor, LinearExtractor) and self.reference is None:
             self.reference = copy.deepcopy(extractor).eval()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.keep_reference(pl_module)  # when setup was not called (callback added late)
 
     def compute_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return immunization_report(
@@ -202,19 +212,35 @@ class ImmunizationReport(ReferenceKeeper):
         self.split = split
         self.num_groups, self.group_size = num_groups, group_size
         self._start: float | None = None
+        self._elapsed = 0.0
         self._before: dict[str, Any] = {}
         self.reference = None
         self.report: dict[str, Any] | None = None
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._before = task_metric(pl_module, trainer.datamodule, self.split)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not self._before:
+            # Before a checkpoint is restored: a resumed run reports the metric of the model
+            # it started from, not of the checkpoint.
+            self._before = task_metric(pl_module, trainer.datamodule, self.split)
+        self._start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self._elapsed + (
+            time.perf_counter() - self._start if self._start is not None else 0.0
+        )
+        return {"before": dict(self._before), "seconds": elapsed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._before = dict(state_dict.get("before", {}))
+        self._elapsed = float(state_dict.get("seconds", 0.0))
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         report = self.compute_report(trainer, pl_module)
         if self._start is not None:
-            report["seconds"] = time.perf_counter() - self._start
+            # Training time, summed over the interrupted parts of a resumed run.
+            report["seconds"] = self._elapsed + time.perf_counter() - self._start
         if "task_metric" in self._before:
             report["task_metric_before"] = self._before["task_metric"]
         self.report = report

@@ -8,7 +8,7 @@ from .base import EVAL_MODES, SIDES, SPLITS, TASKS, TRAIN_MODES, PairedDataModul
 from .digits import DigitsPairDataModule, build_digit_pair
 from .house_prices import HousePricesDataModule
 from .images import ImagePairDataModule, resolve_image_data_config
-from .mnist import MNISTPairDataModule, load_mnist_idx, read_idx
+from .mnist import MNISTHalvesDataModule, MNISTPairDataModule, load_mnist_idx, read_idx
 
 __all__ = [
     "EVAL_MODES",
@@ -19,6 +19,7 @@ __all__ = [
     "DigitsPairDataModule",
     "HousePricesDataModule",
     "ImagePairDataModule",
+    "MNISTHalvesDataModule",
     "MNISTPairDataModule",
     "PairedDataModule",
     "build_digit_pair",

@@ -8,15 +8,24 @@ here only the 10,000 test images are shipped. Nothing is ever downloaded.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import TensorDataset
 
-from .digits import MNIST_MEAN, MNIST_STD, DigitsPairDataModule
+from .base import PairedDataModule
+from .digits import MNIST_MEAN, MNIST_STD, DigitsPairDataModule, check_digit
 
-__all__ = ["MNISTPairDataModule", "load_mnist_idx", "read_idx", "MNIST_SPLITS"]
+__all__ = [
+    "MNISTHalvesDataModule",
+    "MNISTPairDataModule",
+    "load_mnist_idx",
+    "read_idx",
+    "MNIST_SPLITS",
+]
 
 #: Splits understood by :func:`load_mnist_idx`.
 MNIST_SPLITS: tuple[str, ...] = ("train", "test", "all")
@@ -205,3 +214,122 @@ class MNISTPairDataModule(DigitsPairDataModule):
     def _load_images(self) -> tuple[Tensor, Tensor, float]:
         images, labels = load_mnist_idx(self.root, self.split)
         return images, labels, 255.0
+
+
+def _check_digit_group(value: object, name: str) -> tuple[int, ...]:
+    digits = tuple(value) if isinstance(value, list | tuple) else (value,)
+    if len(digits) < 2:
+        raise ValueError(f"{name} needs at least two digits (a classification task), got {value!r}")
+    checked = tuple(check_digit(d, name) for d in digits)
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"{name} repeats a digit: {list(checked)}")
+    return checked
+
+
+class MNISTHalvesDataModule(PairedDataModule):
+    """Two multi-class MNIST tasks side by side: ``D_P`` = one group of digits, ``D_H`` = the
+    other (default 0–4 and 5–9), for deep immunization on real images (issue "deep MNIST").
+
+    Each side's labels are the digit's position in its group (``D_H``: 5→0 … 9→4). Each side
+    is split into train and held-out parts by a permutation seeded with ``split_seed``
+    (fixed, so every run sees the same held-out images); the held-out parts are the
+    validation split and are used only to measure accuracy. Images are ``(1, 28, 28)``
+    float32, pixels scaled to [0, 1] then normalized with ``mean``/``std``;
+    ``task == "multiclass"``, ``input_dim is None``.
+
+    Args:
+        root: MNIST folder in torchvision's raw layout (holding ``raw/``).
+        pretrain_digits: the digits of ``D_P`` (at least two, no repeats).
+        harmful_digits: the digits of ``D_H`` (disjoint from ``pretrain_digits``).
+        split: which MNIST files: ``"test"`` (the shipped 10,000 images), ``"train"``, ``"all"``.
+        holdout_fraction: fraction of each side held out, in (0, 1).
+        split_seed: seed of the train/held-out draw.
+        max_samples: optional cap on each side's count before the split (short runs, CI).
+        batch_size, seed, mode, num_workers, shuffle, drop_last: see
+            :class:`~lightning_immunize.datamodules.PairedDataModule` (``seed`` seeds the
+            training shuffles only).
+        mean, std: normalization.
+
+    Example:
+        >>> dm = MNISTHalvesDataModule("../shared/data/MNIST", max_samples=100)
+        >>> x_p, y_p, x_h, y_h = dm.full_tensors("train")
+        >>> tuple(x_p.shape), int(y_h.max()), dm.num_classes_pretrain, dm.task
+        ((80, 1, 28, 28), 4, 5, 'multiclass')
+    """
+
+    def __init__(
+        self,
+        root: str | Path = "../shared/data/MNIST",
+        pretrain_digits: Sequence[int] = (0, 1, 2, 3, 4),
+        harmful_digits: Sequence[int] = (5, 6, 7, 8, 9),
+        split: str = "test",
+        holdout_fraction: float = 0.2,
+        split_seed: int = 0,
+        max_samples: int | None = None,
+        batch_size: int = 64,
+        seed: int = 0,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+        mode: str = "max_size_cycle",
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        if split not in MNIST_SPLITS:
+            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(MNIST_SPLITS)}")
+        p_digits = _check_digit_group(pretrain_digits, "pretrain_digits")
+        h_digits = _check_digit_group(harmful_digits, "harmful_digits")
+        shared = sorted(set(p_digits) & set(h_digits))
+        if shared:
+            raise ValueError(
+                f"pretrain_digits {list(p_digits)} and harmful_digits {list(h_digits)} share "
+                f"{shared}: D_P and D_H must be different digits"
+            )
+        if not 0.0 < holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+        if max_samples is not None and max_samples < 4:
+            raise ValueError(f"max_samples must be >= 4 (or None), got {max_samples!r}")
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std!r}")
+        super().__init__(
+            batch_size=batch_size,
+            mode=mode,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            task="multiclass",
+            num_classes=max(len(p_digits), len(h_digits)),
+        )
+        self.root = Path(root)
+        self.split = split
+        self.pretrain_digits, self.harmful_digits = p_digits, h_digits
+        self.holdout_fraction = holdout_fraction
+        self.split_seed = split_seed
+        self.max_samples = max_samples
+        self.mean, self.std = mean, std
+        self.num_classes_pretrain = len(p_digits)
+        self.num_classes_harmful = len(h_digits)
+        self._set_input_dim(None)
+
+    def _side(self, images: Tensor, labels: Tensor, digits: tuple[int, ...], offset: int):
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        for d in digits:
+            mask |= labels == d
+        idx = torch.nonzero(mask).squeeze(1)
+        gen = torch.Generator().manual_seed(self.split_seed + offset)
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        if self.max_samples is not None:
+            idx = idx[: self.max_samples]
+        n_hold = max(1, round(self.holdout_fraction * idx.numel()))
+        remap = torch.full((10,), -1, dtype=torch.int64)
+        remap[list(digits)] = torch.arange(len(digits))
+        x = ((images[idx].float() / 255.0 - self.mean) / self.std).unsqueeze(1)
+        y = remap[labels[idx]]
+        hold, train = slice(0, n_hold), slice(n_hold, None)
+        return TensorDataset(x[train], y[train]), TensorDataset(x[hold], y[hold])
+
+    def _build(self) -> None:
+        images, labels = load_mnist_idx(self.root, self.split)
+        self.pretrain, self.val_pretrain = self._side(images, labels, self.pretrain_digits, 0)
+        self.harmful, self.val_harmful = self._side(images, labels, self.harmful_digits, 1)
