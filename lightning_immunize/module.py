@@ -551,6 +551,14 @@ class ImmunizationModule(pl.LightningModule):
 
     # -- optimization -----------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        # Lightning restores checkpoint weights before its precision plugin converts the
+        # module: under "64-true" a float64 checkpoint would be rounded through float32
+        # parameters on resume (≈1e-7 relative). Converting here, first, keeps it exact.
+        trainer = self._trainer
+        if trainer is not None and str(trainer.precision).startswith("64"):
+            self.to(torch.float64)
+
     def configure_optimizers(self):
         groups = []
         for name, part in (("extractor", self.extractor), ("head", self.head)):

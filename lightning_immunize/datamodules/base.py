@@ -26,9 +26,19 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from lightning_immunize.distributed import world_size
+
+from .resumable import ResumableDataLoader, SkippingBatchSampler
 
 __all__ = ["PairedDataModule", "TRAIN_MODES", "EVAL_MODES", "TASKS", "SPLITS", "SIDES"]
 
@@ -229,26 +239,50 @@ class PairedDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, train: bool, offset: int) -> DataLoader:
+        if not train:
+            return DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         generator = None
-        shuffle = train and self.shuffle
-        sampler = None
-        if train and world_size() > 1:
+        sampler: Sampler[int]
+        if world_size() > 1:
             # Our own DistributedSampler: Lightning's would always shuffle training data, which
             # breaks ``shuffle=False`` (and the DDP = single-process test of record).
-            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + offset)
-            shuffle = False
-        elif shuffle:
+            sampler = DistributedSampler(dataset, shuffle=self.shuffle, seed=self.seed + offset)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + offset)
-        return DataLoader(
+            sampler = RandomSampler(dataset, generator=generator)
+        else:
+            sampler = SequentialSampler(dataset)
+        loader = ResumableDataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
+            batch_sampler=SkippingBatchSampler(sampler, self.batch_size, self.drop_last),
             generator=generator,
-            drop_last=self.drop_last if train else False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            position=self._train_position,
         )
+        # Lightning reads ``loader.sampler`` to decide whether to inject its own
+        # DistributedSampler and to call ``set_epoch``: show it the real one.
+        object.__setattr__(loader, "sampler", sampler)
+        return loader
+
+    def _train_position(self) -> tuple[int, bool] | None:
+        """(training batches of the current epoch consumed, epoch finished), from the trainer
+        this data module is attached to; ``None`` outside ``fit``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        try:
+            consumed = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            total = trainer.num_training_batches
+        except AttributeError:
+            return None
+        return consumed, total != float("inf") and consumed >= total
 
     def train_dataloader(self) -> CombinedLoader:
         """Training loader; each batch is ``{"pretrain": (x, y), "harmful": (x, y)}``.
