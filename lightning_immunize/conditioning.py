@@ -245,13 +245,23 @@ def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     X64 = X.detach().to(DTYPE)
     if bias:
         X64 = torch.cat([X64, torch.ones_like(X64[:, :1])], dim=1)
-    sv = torch.linalg.svdvals(X64)
-    if sv[0] == 0:
-        return 0
     # Data stored in a lower precision cannot resolve directions below its own eps: an exact
     # linear dependency rounded to float32 leaves a singular value near 1e-8·σ_max.
     eps = max(EPS, torch.finfo(X.dtype).eps) if X.dtype.is_floating_point else EPS
     tol = max(X64.shape) * eps if rtol is None else _default_rtol(rtol, max(X64.shape))
+    n = min(X64.shape)
+    if n < max(X64.shape):
+        # Fast path (a batch of B ≪ D samples, every training step): the eigenvalues of the
+        # n×n Gram matrix are σ², each within n·eps·σ_max² of the truth. When even the smallest
+        # is clearly above the threshold the rank is n; otherwise the SVD decides.
+        G = X64 @ X64.mT if X64.shape[0] == n else X64.mT @ X64
+        mu = torch.linalg.eigvalsh(G)
+        top = float(mu[-1])
+        if top > 0 and float(mu[0]) > (tol**2 + 4 * n * EPS) * top:
+            return n
+    sv = torch.linalg.svdvals(X64)
+    if sv[0] == 0:
+        return 0
     return int((sv > tol * sv[0]).sum())
 
 

@@ -17,7 +17,8 @@ convention of SPEC §10), so λ values do not depend on the batch size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,8 +299,11 @@ class ConditionNumberObjective(Objective):
             value, grad_theta = feature_spectral_gradient(
                 z, kind, rank=rank, left=weight.detach().mT
             )
-        update = (2.0 * lam * grad_theta.mT).to(weight.dtype)
-        weight.grad = update if weight.grad is None else weight.grad + update
+        update = grad_theta.mT
+        if weight.grad is None:
+            weight.grad = (2.0 * lam * update).to(weight.dtype)
+        else:  # in place: no 784×784 temporaries on the hot path
+            weight.grad.add_(update.to(weight.dtype), alpha=2.0 * lam)
         return value
 
 
@@ -435,6 +439,29 @@ SchedulerFactory = Callable[
 ]
 
 
+@contextmanager
+def _frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in train mode normalise with batch statistics as usual, but their
+    running statistics do not move (momentum 0 for the forward; restoring the buffers
+    afterwards would break autograd, which saves them)."""
+    saved = [
+        (m, m.momentum, m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+    ]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 class ImmunizationModule(pl.LightningModule):
     """Immunize ``extractor`` (with classifier ``head``) by Algorithm 1, manual optimization.
 
@@ -454,6 +481,10 @@ class ImmunizationModule(pl.LightningModule):
         label_smoothing: passed to the head's loss.
         method / method_args: shortcut for ``objective``: the name of an objective in
             :data:`OBJECTIVES` (``ours``, ``rmax_only``, ``opt``, ``imma``) and its arguments.
+        harmful_bn_stats: whether forwards of harmful batches update BatchNorm running
+            statistics. Default ``False``: the released model's running statistics stay those
+            of its own task D_P; a D_H forward made only for the regularizer uses the batch
+            statistics as usual (same gradients) but leaves the running ones as they were.
     """
 
     def __init__(
@@ -472,9 +503,11 @@ class ImmunizationModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         method: str | None = None,
         method_args: dict[str, Any] | None = None,
+        harmful_bn_stats: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.harmful_bn_stats = harmful_bn_stats
         if method is not None:
             if objective is not None:
                 raise ValueError(
@@ -527,7 +560,11 @@ class ImmunizationModule(pl.LightningModule):
                 f"the {side} batch has {x.shape[0]} sample(s); the regularizers need at least 2."
             )
         self._check_finite(x, side, "inputs")
-        z = self.extractor(x)
+        if side == "harmful" and not self.harmful_bn_stats:
+            with _frozen_running_stats(self.extractor):
+                z = self.extractor(x)
+        else:
+            z = self.extractor(x)
         self._check_finite(z, side, "features")
         return z
 
@@ -558,6 +595,50 @@ class ImmunizationModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is not None and str(trainer.precision).startswith("64"):
             self.to(torch.float64)
+
+    def on_fit_start(self) -> None:
+        self.check_data()
+
+    @torch.no_grad()
+    def check_data(self) -> None:
+        """Refuses, before the first training step, a D_P or D_H whose first batch-worth of
+        training samples has NaN/inf inputs, all-zero inputs or all-zero features: a rank-0
+        covariance, whose condition number (and so every regularizer) is undefined.
+
+        Looks at the data module's ``pretrain`` / ``harmful`` datasets (any map-style dataset
+        of ``(x, y)``); does nothing without them.
+        """
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        param = next(self.extractor.parameters(), None)
+        for side in SIDES:
+            dataset = getattr(dm, side, None)
+            try:
+                n = min(len(dataset), max(2, int(getattr(dm, "batch_size", 64))))
+            except TypeError:  # no dataset, or an iterable one without a length
+                continue
+            x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)])
+            if param is not None and x.is_floating_point():
+                x = x.to(device=param.device, dtype=param.dtype)
+            self._check_finite(x, side, "inputs")
+            if not bool(x.ne(0).any()):
+                raise ValueError(
+                    f"the {side} dataset's first {n} training inputs are all zero: their "
+                    "covariance has rank 0, so its condition number is undefined. Check the "
+                    "data (empty images? a column-selection mistake?)."
+                )
+            was_training = self.extractor.training
+            self.extractor.eval()
+            try:
+                z = self.extractor(x)
+            finally:
+                self.extractor.train(was_training)
+            self._check_finite(z, side, "features")
+            if not bool(z.ne(0).any()):
+                raise ValueError(
+                    f"the extractor maps the {side} dataset's first {n} training inputs to "
+                    "all-zero features: their covariance has rank 0, so its condition number "
+                    "is undefined (dead activations? a zero-initialized extractor?)."
+                )
 
     def configure_optimizers(self):
         groups = []

@@ -271,3 +271,25 @@ def test_properties_finite_kappa_at_least_one_regularizers_non_negative(
     assert rmin >= 0.0 and rmax >= 0.0
     (grad,) = torch.autograd.grad(rmin + rmax, Z)
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_data_rank_gram_fast_path_agrees_with_svd(dtype):
+    from lightning_immunize.conditioning import data_rank
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 784, generator=gen, dtype=torch.float64)
+    cases = {
+        "full": X,
+        "duplicate row": torch.cat([X[:63], X[:1]]),
+        "rank 10": torch.randn(64, 10, generator=gen, dtype=torch.float64)
+        @ torch.randn(10, 784, generator=gen, dtype=torch.float64),
+        "tall": X.mT.contiguous(),
+        "tiny direction": torch.cat([X[:63], X[:1] + 1e-5 * X[1:2]]),
+    }
+    for name, M in cases.items():
+        M = M.to(dtype)
+        sv = torch.linalg.svdvals(M.to(torch.float64))
+        eps = torch.finfo(dtype).eps
+        expected = int((sv > max(M.shape) * eps * sv[0]).sum())
+        assert data_rank(M) == expected, name

@@ -260,3 +260,72 @@ def test_ridge_needs_linear_layers():
             ClassifierHead(4, 1, "binary"),
             ConditionNumberObjective(preconditioner="ridge"),
         )
+
+
+class _CountSteps(pl.Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        _CountSteps.steps += 1
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("zero_harmful", "harmful dataset's first 8 training inputs are all zero: .*rank 0"),
+        ("zero_pretrain", "pretrain dataset's first 8 training inputs are all zero"),
+        ("nan_harmful", "non-finite inputs .* harmful dataset"),
+        ("zero_features", "all-zero features: .*rank 0"),
+    ],
+)
+def test_degenerate_data_is_refused_before_the_first_step(case, match):
+    batch = linear_batch(3, b=20)
+    (x_p, y_p), (x_h, y_h) = batch["pretrain"], batch["harmful"]
+    if case == "zero_harmful":
+        x_h = torch.zeros_like(x_h)
+    elif case == "zero_pretrain":
+        x_p = torch.zeros_like(x_p)
+    elif case == "nan_harmful":
+        x_h = x_h.clone()
+        x_h[2, 3] = float("nan")
+    module = linear_module(ConditionNumberObjective())
+    if case == "zero_features":
+        with torch.no_grad():
+            module.extractor.linear.weight.zero_()
+    dm = PairedDataModule(TensorDataset(x_p, y_p), TensorDataset(x_h, y_h), batch_size=8)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_CountSteps()],
+    )
+    _CountSteps.steps = 0
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, dm)
+    assert _CountSteps.steps == 0 and trainer.global_step == 0
+
+
+@pytest.mark.parametrize("harmful_bn_stats", [False, True])
+def test_harmful_forward_leaves_batchnorm_running_stats(harmful_bn_stats):
+    backbone = TimmBackbone("test_resnet", in_chans=1, num_classes=3, seed=0)
+    module = ImmunizationModule(backbone, harmful_bn_stats=harmful_bn_stats).train()
+    bn = backbone.model.layer4[0].bn1
+    x = torch.randn(4, 1, 28, 28)
+    before = bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+    z = module.features(x, side="harmful")
+    moved = not torch.equal(bn.running_mean, before[0])
+    assert moved == harmful_bn_stats
+    assert int(bn.num_batches_tracked) == before[2] + int(harmful_bn_stats)
+    assert bn.momentum == 0.1  # restored
+    z.square().sum().backward()  # autograd is intact
+    assert backbone.model.layer4[0].conv1.weight.grad is not None
+    # Same features either way: the forward normalises with the batch statistics.
+    other = ImmunizationModule(
+        TimmBackbone("test_resnet", in_chans=1, num_classes=3, seed=0),
+        harmful_bn_stats=not harmful_bn_stats,
+    ).train()
+    assert torch.allclose(other.features(x, side="harmful"), z)
+    module.features(x, side="pretrain")
+    assert not torch.equal(bn.running_mean, before[0])
