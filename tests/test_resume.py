@@ -90,7 +90,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 def test_resume_mid_epoch_with_a_cycled_shorter_side(tmp_path):
     """In-process: D_P has 3× the batches of D_H, so D_H cycles within an epoch; resuming
-    from every mid-epoch checkpoint ends bitwise where the uninterrupted run ends."""
+    from a mid-epoch or an end-of-epoch checkpoint ends bitwise where the uninterrupted run
+    ends."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import TensorDataset
@@ -103,7 +104,7 @@ def test_resume_mid_epoch_with_a_cycled_shorter_side(tmp_path):
     pretrain = TensorDataset(torch.randn(60, 6, generator=gen), torch.zeros(60))
     harmful = TensorDataset(torch.randn(20, 6, generator=gen), torch.ones(20))
 
-    def fit(dirpath: Path, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
+    def fit(dirpath: Path, ckpt_path: str | None = None, every: int = 5) -> dict[str, torch.Tensor]:
         pl.seed_everything(0)
         module = ImmunizationModule(
             LinearExtractor(6, 6, seed=1), ClassifierHead(6, 1, "binary"), method="ours"
@@ -117,7 +118,9 @@ def test_resume_mid_epoch_with_a_cycled_shorter_side(tmp_path):
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=[
-                ModelCheckpoint(dirpath, every_n_train_steps=5, save_top_k=-1, filename="{step}")
+                ModelCheckpoint(
+                    dirpath, every_n_train_steps=every, save_top_k=-1, filename="{step}"
+                )
             ],
         )
         trainer.fit(module, dm, ckpt_path=ckpt_path)
@@ -129,3 +132,9 @@ def test_resume_mid_epoch_with_a_cycled_shorter_side(tmp_path):
         resumed = fit(tmp_path / f"from{step}", str(tmp_path / "full" / f"step={step}.ckpt"))
         for key, value in full.items():
             assert torch.equal(value, resumed[key]), (step, key)
+    # Step 8 is the end of epoch 0 (saved on its last batch): the next epoch must start from
+    # the shuffle state as it was, not from a replay of epoch 0.
+    fit(tmp_path / "full4", every=4)
+    resumed = fit(tmp_path / "from8", str(tmp_path / "full4" / "step=8.ckpt"), every=4)
+    for key, value in full.items():
+        assert torch.equal(value, resumed[key]), (8, key)

@@ -4,10 +4,11 @@ Lightning saves ``state_dict()`` of every loader of the training ``CombinedLoade
 checkpoint and calls ``load_state_dict()`` before iterating again on resume. A plain
 ``DataLoader`` has neither: a run resumed from a mid-epoch checkpoint would start the epoch's
 batches again from the top, in another shuffle order. :class:`ResumableDataLoader` records
-the shuffle generator's state at the start of the epoch and how many batches of the epoch the
-training loop has consumed (read from the trainer, not counted here, because Lightning fetches
-one batch ahead); on resume it replays the epoch's shuffles without loading any data and skips
-the consumed batches at the index level, so the resumed run sees exactly the batches the
+the shuffle generator's state at the start of the epoch and now, and how many batches of the
+epoch the training loop has consumed (read from the trainer, not counted here, because
+Lightning fetches one batch ahead). Resumed mid-epoch, it replays the epoch's shuffles without
+loading any data and skips the consumed batches at the index level; resumed at an epoch's end,
+it takes the generator as it was. Either way the resumed run sees exactly the batches the
 uninterrupted run would have seen.
 """
 
@@ -57,55 +58,55 @@ class ResumableDataLoader(DataLoader):
             raise TypeError("ResumableDataLoader needs batch_sampler=SkippingBatchSampler(...)")
         self.position = position
         self._epoch_start: torch.Tensor | None = None  # generator state at the epoch's start
-        self._epoch = None
         self._pending: dict[str, Any] | None = None
 
-    def _sampler_epoch(self) -> Any:
-        return getattr(self.batch_sampler.sampler, "epoch", None)
+    def _position(self) -> tuple[int, bool] | None:
+        return self.position() if self.position is not None else None
+
+    def _generator_state(self) -> torch.Tensor | None:
+        return None if self.generator is None else self.generator.get_state()
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        """Restores the shuffle state and arms the skip of the saved position."""
+        if state["done"]:
+            # The saved epoch is over: the next one starts from the generator as it was at the
+            # save (its last shuffles, including the one-batch look-ahead, already drawn).
+            if self.generator is not None and state.get("current") is not None:
+                self.generator.set_state(state["current"])
+            self._epoch_start = self._generator_state()
+            return
+        if self.generator is not None and state.get("epoch_start") is not None:
+            self.generator.set_state(state["epoch_start"])
+        self._epoch_start = self._generator_state()
+        length = len(self)
+        cycles, within = divmod(int(state["consumed"]), length) if length else (0, 0)
+        for _ in range(cycles):  # whole iterations of a cycled side: same draws, no data
+            self.batch_sampler.skip = length + 1
+            for _ in super().__iter__():
+                pass
+        self.batch_sampler.skip = within
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: the body runs at the first ``next()``, after Lightning's ``set_epoch``.
         state, self._pending = self._pending, None
-        generator = self.generator
         if state is not None:
-            if generator is not None and state.get("epoch_start") is not None:
-                generator.set_state(state["epoch_start"])
-            self._epoch_start = None if generator is None else generator.get_state()
-            self._epoch = self._sampler_epoch()
-            consumed, done = int(state["consumed"]), bool(state["done"])
-            length = len(self)
-            cycles, within = divmod(consumed, length) if length else (0, 0)
-            if done:  # the next iteration starts a fresh epoch after the saved one
-                cycles, within = int(state["started"]), 0
-            for _ in range(cycles):  # replay whole iterations: same draws, no data loaded
-                self.batch_sampler.skip = length + 1
-                for _ in super().__iter__():
-                    pass
-            if done:
-                self._epoch_start = None
-            self.batch_sampler.skip = within
-            self._started = cycles
-        elif self._epoch_start is None or self._sampler_epoch() != self._epoch or self._new_epoch():
-            self._epoch_start = None if generator is None else generator.get_state()
-            self._epoch = self._sampler_epoch()
-            self._started = 0
-        self._started += 1
+            self._resume(state)
+        else:
+            pos = self._position()
+            if pos is None or pos[0] == 0:  # a new epoch (or no trainer to tell)
+                self._epoch_start = self._generator_state()
         yield from super().__iter__()
 
-    def _new_epoch(self) -> bool:
-        pos = self.position() if self.position is not None else None
-        return pos is not None and pos[0] == 0
-
     def state_dict(self) -> dict[str, Any]:
-        pos = self.position() if self.position is not None else None
+        pos = self._position()
         if pos is None:
             return {}
         consumed, done = pos
         return {
             "epoch_start": self._epoch_start,
+            "current": self._generator_state(),
             "consumed": consumed,
             "done": done,
-            "started": getattr(self, "_started", 0),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
