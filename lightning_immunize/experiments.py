@@ -20,7 +20,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,10 +329,17 @@ def _mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}g} ± {statistics.pstdev(values):.{digits}g}"
 
 
+def method_order(present: Iterable[str], methods: Sequence[str] | None = None) -> list[str]:
+    """The methods in ``present``, in the order of ``methods`` (default :data:`METHODS`), any
+    others after them alphabetically."""
+    present = set(present)
+    order = [m for m in (methods or METHODS) if m in present]
+    return order + sorted(present - set(order))
+
+
 def summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -> str:
     """Markdown: per method, mean ± std of the ratios, immunized count, task metric, time."""
-    order = [m for m in (methods or METHODS) if any(r["method"] == m for r in rows)]
-    order += sorted({r["method"] for r in rows} - set(order))
+    order = method_order({r["method"] for r in rows}, methods)
     metric = next((r["task_metric_name"] for r in rows if r.get("task_metric_name")), "task")
     lines = [
         f"| method | runs | ratio_harmful | ratio_pretrain | RIR | RIR median | immunized | "
@@ -372,8 +379,7 @@ def read_probes(out: str | Path) -> dict[tuple[str, str], dict[str, dict[str, li
 def deep_summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -> str:
     """Markdown: per method, deep RIR figures (mean ± std over seeds of the group means),
     immunized count, D_P held-out accuracy of θ_0 and after, time."""
-    order = [m for m in (methods or METHODS) if any(r["method"] == m for r in rows)]
-    order += sorted({r["method"] for r in rows} - set(order))
+    order = method_order({r["method"] for r in rows}, methods)
     lines = [
         "| method | seeds | ratio_harmful | ratio_pretrain | RIR | immunized | "
         "D_P accuracy θ_0 | D_P accuracy after | change (points) | seconds / run |",
@@ -410,8 +416,7 @@ def probe_table(
     accuracy (θ_0 = the ``reference`` run of the same seed; ``> cap`` when not reached), with
     a plain verdict against θ_0.
     """
-    methods = [m for m in METHODS if any(k[0] == m for k in probes)]
-    methods += sorted({k[0] for k in probes} - set(methods))
+    methods = method_order({k[0] for k in probes})
     seeds = sorted({k[1] for k in probes}, key=lambda v: (len(v), v))
     mean_curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     for method in methods:
@@ -607,9 +612,7 @@ def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) ->
         axes, ("harmful", "pretrain"), ("D_H (harmful)", "D_P (pre-training)"), strict=True
     ):
         reference = None
-        for method in [m for m in METHODS if m in by_method] + sorted(
-            set(by_method) - set(METHODS)
-        ):
+        for method in method_order(by_method):
             curves = torch.load(by_method[method], weights_only=True)
             reference = curves[f"{side}_reference"]
             if method != "identity":

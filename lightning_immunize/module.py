@@ -608,7 +608,7 @@ class ImmunizationModule(pl.LightningModule):
         Looks at the data module's ``pretrain`` / ``harmful`` datasets (any map-style dataset
         of ``(x, y)``); does nothing without them.
         """
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)
         param = next(self.extractor.parameters(), None)
         for side in SIDES:
             dataset = getattr(dm, side, None)

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_immunize.callbacks.report import fingerprint, named_fingerprint
 from lightning_immunize.distributed import world_size
 
 __all__ = [
@@ -47,13 +48,7 @@ def default_cache_dir() -> Path:
 
 def state_fingerprint(*modules: nn.Module) -> str:
     """SHA-256 (16 hex digits) of the modules' state dicts: names, dtypes, shapes and bytes."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, t in module.state_dict().items():
-            t = t.detach().cpu().contiguous()
-            digest.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return named_fingerprint(item for m in modules for item in m.state_dict().items())
 
 
 @torch.no_grad()
@@ -204,8 +199,6 @@ class PretrainFromScratch(pl.Callback):
 
     def cache_key(self, module: nn.Module, datamodule: Any) -> str:
         """The key of θ_0 for this module's initial weights, the recipe and ``D_P``."""
-        from lightning_immunize.callbacks.report import fingerprint
-
         x, y, _, _ = datamodule.full_tensors("train")
         x_val, y_val, _, _ = datamodule.full_tensors("val")
         parts = {

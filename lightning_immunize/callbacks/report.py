@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,16 @@ REPORT_NAME = "immunization.json"
 def fingerprint(*tensors: torch.Tensor) -> str:
     """SHA-256 (first 16 hex digits) of the tensors' dtypes, shapes and bytes: which data a
     model was immunized and measured on, without the data."""
+    return named_fingerprint(("", t) for t in tensors)
+
+
+def named_fingerprint(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`fingerprint` of named tensors (a state dict's items): the names count too."""
     digest = hashlib.sha256()
-    for t in tensors:
+    for name, t in items:
         t = t.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.numpy().tobytes())
+        digest.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
     return digest.hexdigest()[:16]
 
 
