@@ -180,16 +180,9 @@ class ReferenceKeeper(pl.Callback):
         # In ``setup``: before a checkpoint is restored (a resumed run keeps the θ_0 its config
         # builds, not the half-trained weights) and after callbacks listed earlier that load
         # θ_0 (PretrainFromScratch).
-        if stage == "fit":
-            self.keep_reference(pl_module)
-
-    def keep_reference(self, pl_module: pl.LightningModule) -> None:
         extractor = pl_module.extractor
-        if not isinstance(extractor, LinearExtractor) and self.reference is None:
+        if stage == "fit" and not isinstance(extractor, LinearExtractor) and self.reference is None:
             self.reference = copy.deepcopy(extractor).eval()
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.keep_reference(pl_module)  # when setup was not called (callback added late)
 
     def compute_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return immunization_report(
