@@ -8,7 +8,8 @@ back to the input in its own dtype.
 **Which eigenvalues count** (SPEC §2). Singular values of a symmetric ``S`` are ``|λ_i|``.
 
 * tolerance rule (default): ``σ_i`` counts when ``σ_i > rtol · σ_max`` with
-  ``rtol = K · eps(float64)`` (NumPy's ``matrix_rank`` rule, ``K`` the side of ``S``);
+  ``rtol = K · eps`` (NumPy's ``matrix_rank`` rule, ``K`` the side of ``S``; ``eps`` that of
+  float64, or of the lower precision a matrix passed directly was formed in);
 * input-rank rule: ``rank=r`` keeps the top ``r`` singular values whatever their size; use
   :func:`data_rank` on the inputs of a linear extractor to get ``r``.
 
@@ -128,12 +129,20 @@ def _check_rank(rank: int | None, limit: int) -> None:
         raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}.")
 
 
-def _default_rtol(rtol: float | None, side: int) -> float:
+def _default_rtol(rtol: float | None, side: int, dtype: torch.dtype = DTYPE) -> float:
     if rtol is None:
-        return side * EPS
+        return side * _formed_eps(dtype)
     if not rtol >= 0:
         raise ValueError(f"rtol must be a non-negative number, got {rtol!r}.")
     return float(rtol)
+
+
+def _formed_eps(dtype: torch.dtype) -> float:
+    """Round-off unit of a matrix *formed* in ``dtype``: its entries carry errors of that size,
+    so eigenvalues below ``K·eps·σ_max`` are indistinguishable from zero however we compute."""
+    if not dtype.is_floating_point:
+        return EPS
+    return max(EPS, torch.finfo(dtype).eps)
 
 
 # --------------------------------------------------------------------------- spectrum
@@ -227,10 +236,14 @@ def _apply(kind: str, S64: Tensor, rank: int | None, rtol: float, floor: float) 
 
 
 def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
-    """Numerical rank of a data matrix ``X`` (N×D) by the tolerance rule of SPEC §2.
+    """Numerical rank of a data matrix ``X`` (N×D): the rank of the data *as given*.
 
-    The default ``rtol`` is ``max(N, D)·eps`` with the eps of ``X``'s own dtype (float64 for
-    float64 data, as NumPy's ``matrix_rank`` does): float32 data do not resolve finer.
+    ``X`` is taken exactly as stored and converted to float64; a singular value counts when
+    ``σ_i > rtol·σ_max`` with ``rtol = max(N, D)·eps₆₄`` (NumPy's ``matrix_rank`` rule in
+    float64) **whatever ``X``'s dtype**: float32 storage moves each singular value by about
+    ``eps₃₂`` relative, far less than the real directions it would drop if the threshold used
+    ``eps₃₂`` (``docs/numerical-rank.md``). Training (the input-rank rule of every linear
+    regularizer) and the reports use this one rule.
 
     ``bias=True`` appends a column of ones first (for an extractor with a bias term). Use it
     as ``rank=`` for the input-rank rule.
@@ -245,10 +258,7 @@ def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     X64 = X.detach().to(DTYPE)
     if bias:
         X64 = torch.cat([X64, torch.ones_like(X64[:, :1])], dim=1)
-    # Data stored in a lower precision cannot resolve directions below its own eps: an exact
-    # linear dependency rounded to float32 leaves a singular value near 1e-8·σ_max.
-    eps = max(EPS, torch.finfo(X.dtype).eps) if X.dtype.is_floating_point else EPS
-    tol = max(X64.shape) * eps if rtol is None else _default_rtol(rtol, max(X64.shape))
+    tol = _default_rtol(rtol, max(X64.shape))
     n = min(X64.shape)
     if n < max(X64.shape):
         # Fast path (a batch of B ≪ D samples, every training step): the eigenvalues of the
@@ -269,7 +279,11 @@ def condition_number(S: Tensor, rtol: float | None = None, rank: int | None = No
     """κ(S) = σ_max / σ_min⁺ of a symmetric ``S`` (..., K, K), float64, differentiable.
 
     ``rank`` keeps the top ``rank`` singular values (input-rank rule); otherwise the tolerance
-    rule with ``rtol`` (default ``K·eps``). Gradients flow through ``eigvalsh``.
+    rule with ``rtol``, default ``K·eps`` with the eps of the dtype ``S`` was **formed** in
+    (``S.dtype``): a float32 ``S = ZᵀZ`` carries float32 round-off in every entry, which
+    float64 arithmetic afterwards cannot remove, so its eigenvalues under ``K·eps₃₂·σ_max`` are
+    noise. The spectrum itself is always computed in float64. To keep float64 resolution,
+    form ``S`` in float64 (as :func:`feature_condition_number` does from ``Z``).
 
     >>> float(condition_number(torch.diag(torch.tensor([9.0, 3.0, 0.0]))))
     3.0
@@ -279,7 +293,7 @@ def condition_number(S: Tensor, rtol: float | None = None, rank: int | None = No
     S64 = _check_square(S)
     _check_rank(rank, S.shape[-1])
     sigma, _, _ = _sorted_spectrum(torch.linalg.eigvalsh(_symmetrize(S64)))
-    keep = _kept(sigma, rank, _default_rtol(rtol, S.shape[-1]))
+    keep = _kept(sigma, rank, _default_rtol(rtol, S.shape[-1], S.dtype))
     return _condition_from_sigma(sigma, keep)
 
 
@@ -292,7 +306,7 @@ def r_min(S: Tensor, rank: int | None = None, rtol: float | None = None) -> Tens
     """
     S64 = _check_square(S)
     _check_rank(rank, S.shape[-1])
-    return _apply("r_min", S64, rank, _default_rtol(rtol, S.shape[-1]), RMAX_FLOOR)
+    return _apply("r_min", S64, rank, _default_rtol(rtol, S.shape[-1], S.dtype), RMAX_FLOOR)
 
 
 def r_max(
@@ -305,7 +319,7 @@ def r_max(
     """
     S64 = _check_square(S)
     _check_rank(rank, S.shape[-1])
-    return _apply("r_max", S64, rank, _default_rtol(rtol, S.shape[-1]), floor)
+    return _apply("r_max", S64, rank, _default_rtol(rtol, S.shape[-1], S.dtype), floor)
 
 
 def spectral_gradient(
@@ -324,7 +338,7 @@ def spectral_gradient(
     S64 = _check_square(S).detach()
     _check_rank(rank, S.shape[-1])
     value, coef, lam, vecs = _spectral_parts(
-        _symmetrize(S64), kind, rank, _default_rtol(rtol, S.shape[-1]), floor
+        _symmetrize(S64), kind, rank, _default_rtol(rtol, S.shape[-1], S.dtype), floor
     )
     return value, (vecs * (coef * lam).unsqueeze(-2)) @ vecs.mT
 

@@ -1,12 +1,14 @@
 r"""Immunization metrics (SPEC §6): the functional layer and the torchmetrics classes over it.
 
-Relative immunization ratio (linear, Eq. 15), with κ by the SPEC §2 input-rank rule::
+Relative immunization ratio (linear, Eq. 15)::
 
     ratio_H = κ(S_H(θ)) / κ(Σ_H)      (want ≫ 1)
     ratio_P = κ(S_P(θ)) / κ(Σ_P)      (want ≤ 1)
     RIR     = ratio_H / ratio_P       (want ≫ 1)
 
-A pair is *immunized* when ``RIR > 1``, ``ratio_H > 1`` and ``ratio_P ≤ 1``.
+with ``κ(Σ)`` over ``r = rank(X)`` and ``κ(S(θ))`` over the top ``min(r, K)`` eigenvalues
+(the input-rank rule, ``docs/numerical-rank.md``). A pair is *immunized* when ``RIR > 1``,
+``ratio_H > 1`` and ``ratio_P ≤ 1`` (Definition 3.1).
 
 Example:
     >>> import torch
@@ -49,6 +51,7 @@ __all__ = [
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
+SIDES = ("pretrain", "harmful")
 
 
 @torch.no_grad()
@@ -73,9 +76,31 @@ def immunization_ratios(
     kappa_pretrain_reference: float,
     kappa_harmful_reference: float,
 ) -> dict[str, float | bool]:
-    """The ratios of SPEC §6 from the four condition numbers, plus the ``immunized`` flag."""
-    ratio_h = float(kappa_harmful) / float(kappa_harmful_reference)
-    ratio_p = float(kappa_pretrain) / float(kappa_pretrain_reference)
+    """The ratios of Eq. 15 from the four condition numbers, plus the ``immunized`` flag.
+
+    Raises:
+        ValueError: when a ratio is undefined (NaN): a κ is NaN, both κ of one ratio are
+            infinite, or both ratios are infinite (``RIR = inf/inf``). The message names the
+            infinite κ. One infinite κ alone is a defined answer (``RIR = inf`` or ``0``).
+    """
+    named = {
+        "κ(S_P(θ))": float(kappa_pretrain),
+        "κ(S_H(θ))": float(kappa_harmful),
+        "κ(Σ_P) (reference)": float(kappa_pretrain_reference),
+        "κ(Σ_H) (reference)": float(kappa_harmful_reference),
+    }
+    nan = [k for k, v in named.items() if math.isnan(v)]
+    if nan:
+        raise ValueError(f"the immunization ratios are undefined: {', '.join(nan)} is NaN.")
+    ratio_h = _ratio(float(kappa_harmful), float(kappa_harmful_reference), "harmful")
+    ratio_p = _ratio(float(kappa_pretrain), float(kappa_pretrain_reference), "pretrain")
+    if math.isinf(ratio_h) and math.isinf(ratio_p):
+        infinite = [k for k, v in named.items() if math.isinf(v)]
+        raise ValueError(
+            f"RIR = inf/inf is undefined: {' and '.join(infinite)} are infinite. An infinite "
+            "κ(S(θ)) means the extractor maps a direction of the data's span to exactly zero "
+            "(features of lower rank than the inputs, e.g. a zero row or column in θ)."
+        )
     out: dict[str, float | bool] = {
         "rir": ratio_h / ratio_p,
         "ratio_harmful": ratio_h,
@@ -89,34 +114,81 @@ def immunization_ratios(
     return out
 
 
+def _ratio(kappa: float, reference: float, side: str) -> float:
+    if math.isinf(kappa) and math.isinf(reference):
+        raise ValueError(
+            f"ratio_{side} = inf/inf is undefined: κ(S(θ)) and its reference κ are both infinite."
+        )
+    return kappa / reference
+
+
 def is_immunized(rir: float, ratio_harmful: float, ratio_pretrain: float) -> bool:
     """Definition 3.1 (a), (b): ``RIR > 1``, ``ratio_H > 1`` and ``ratio_P ≤ 1``."""
     return bool(rir > 1.0 and ratio_harmful > 1.0 and ratio_pretrain <= 1.0)
 
 
+def _top_kappa(M: Tensor, rank: int) -> float:
+    """κ over the top ``rank`` eigenvalues ``σ_i²`` of ``MᵀM`` (M: N×W, float64), from ``M``'s
+    singular values: ``(σ_1/σ_rank)²``. ``σ_rank`` at round-off level (``≤ max(N, W)·eps₆₄·σ_1``,
+    where an exact zero lands) counts as zero: ``κ = inf``, not a number made of round-off."""
+    sv = torch.linalg.svdvals(M)
+    if sv[rank - 1] <= max(M.shape) * EPS64 * sv[0]:
+        return math.inf
+    return float((sv[0] / sv[rank - 1]).square())
+
+
+def _relative_immunization_ratio_compute(
+    Z_P: Tensor, X_P: Tensor, Z_H: Tensor, X_H: Tensor
+) -> dict[str, float | bool | int]:
+    """Eq. 15 from the features ``Z`` (N×K) and inputs ``X`` (N×D) of each side.
+
+    Every κ comes from singular values in float64: ``κ(Σ) = (σ_1(X)/σ_r(X))²`` over
+    ``r = rank(X)`` (:func:`~lightning_immunize.conditioning.data_rank`: float64, ``max(N, D)·
+    eps₆₄``, whatever the data's dtype), the identity extractor's own rank; ``κ(S(θ)) =
+    (σ_1(Z)/σ_r'(Z))²`` over ``r' = min(r, K)``, whatever their size (input-rank rule). Taking
+    σ of the matrices rather than eigenvalues of ``XᵀX`` keeps directions down to ``eps₆₄``
+    relative instead of ``√eps₆₄``.
+    """
+    kappas: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    for side, Z, X in (("pretrain", Z_P, X_P), ("harmful", Z_H, X_H)):
+        X64 = X.detach().reshape(X.shape[0], -1).to(F64)
+        Z64 = Z.detach().reshape(Z.shape[0], -1).to(F64)
+        _check_pair(Z64, X64, f"features ({side})", f"inputs ({side})")
+        input_rank = data_rank(X64)
+        if input_rank == 0:
+            raise ValueError(f"the {side} inputs of shape {tuple(X.shape)} have rank 0.")
+        rank = min(input_rank, Z64.shape[1])
+        kappas[side] = _top_kappa(Z64, rank)
+        kappas[f"{side}_reference"] = _top_kappa(X64, input_rank)
+        ranks[f"rank_{side}"] = rank
+        ranks[f"input_rank_{side}"] = input_rank
+    out: dict[str, float | bool | int] = dict(
+        immunization_ratios(
+            kappas["pretrain"],
+            kappas["harmful"],
+            kappas["pretrain_reference"],
+            kappas["harmful_reference"],
+        )
+    )
+    out.update(ranks)
+    return out
+
+
 @torch.no_grad()
 def linear_immunization_ratios(
     extractor: Callable[[Tensor], Tensor], X_P: Tensor, X_H: Tensor
-) -> dict[str, float | bool]:
-    """Linear RIR: the identity (the inputs themselves) is the reference.
+) -> dict[str, float | bool | int]:
+    """Linear RIR (Eq. 15): the identity (the inputs themselves) is the reference.
 
-    ``X_P`` (N_P×D) and ``X_H`` (N_H×D) are the full datasets as the extractor sees them;
-    κ of both ``S(θ)`` and ``Σ`` is taken over the top ``rank(X)`` eigenvalues.
+    ``X_P`` (N_P×D) and ``X_H`` (N_H×D) are the full datasets as the extractor sees them.
+    ``κ(Σ)`` is over ``r = rank(X)`` (float64, ``max(N, D)·eps₆₄``, any dtype) and ``κ(S(θ))``
+    over the top ``min(r, K)`` eigenvalues, all from singular values. Returns the dict of
+    :func:`immunization_ratios` plus ``rank_*`` (``min(r, K)``) and ``input_rank_*`` (``r``);
+    :class:`RelativeImmunizationRatio` computes the same thing batch by batch.
     """
-    kappas = {}
-    for side, X in (("pretrain", X_P), ("harmful", X_H)):
-        X2 = X.reshape(X.shape[0], -1)
-        Z = extract_features(extractor, X)
-        rank = min(data_rank(X2), Z.shape[-1])
-        if rank == 0:
-            raise ValueError(f"the {side} data of shape {tuple(X.shape)} has rank 0.")
-        kappas[side] = float(feature_condition_number(Z, rank=rank))
-        kappas[f"{side}_reference"] = float(feature_condition_number(X2, rank=rank))
-    return immunization_ratios(
-        kappas["pretrain"],
-        kappas["harmful"],
-        kappas["pretrain_reference"],
-        kappas["harmful_reference"],
+    return _relative_immunization_ratio_compute(
+        extract_features(extractor, X_P), X_P, extract_features(extractor, X_H), X_H
     )
 
 
@@ -148,30 +220,6 @@ def _check_positive_int(value: int | None, name: str, optional: bool = True) -> 
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _gram_rank(S: Tensor, num_samples: int, data_eps: float = EPS64) -> int:
-    """Rank of a data matrix ``X`` (N×D) from its Gram ``S = XᵀX`` (D×D), SPEC §2.
-
-    The tolerance rule on ``X``'s singular values ``σ_i = √λ_i`` is ``σ_i > max(N, D)·eps·σ_max``
-    (``eps`` that of ``X``'s dtype, as :func:`~lightning_immunize.conditioning.data_rank`).
-    Forming ``XᵀX`` in float64 blurs its eigenvalues by about ``max(N, D)·eps64·λ_max``, so
-    ``σ_i`` below ``√(max(N, D)·eps64)·σ_max`` (≈ 1e-7) cannot be told from zero there; the
-    threshold is the larger of the two::
-
-        λ_i > max((max(N, D)·eps)², max(N, D)·eps64) · λ_max
-
-    For float32 data the first term dominates and the rank equals ``data_rank(X)``; for
-    float64 data the two agree unless ``X`` has singular values between about 1e-13 and 1e-7
-    of ``σ_max`` (which no float64 Gram can resolve: κ(Σ) over them would be round-off).
-    """
-    lam = torch.linalg.eigvalsh(0.5 * (S + S.mT))
-    lam_max = lam[-1]
-    if not lam_max > 0:
-        return 0
-    side = max(int(num_samples), S.shape[-1])
-    rtol = max((side * float(data_eps)) ** 2, side * EPS64)
-    return int((lam > rtol * lam_max).sum())
 
 
 class _SquareStateMetric(Metric):
@@ -321,26 +369,26 @@ class ConditionNumber(FeatureCovariance):
         return condition_number(S, rtol=self.rtol, rank=self.rank)
 
 
-class RelativeImmunizationRatio(_SquareStateMetric):
-    r"""Relative immunization ratio of a linear extractor (SPEC §6, Eq. 15), float64.
+class RelativeImmunizationRatio(Metric):
+    r"""Relative immunization ratio of a linear extractor (Eq. 15, Definition 3.1), float64.
 
     .. math::
         \mathrm{ratio}_H = \frac{\kappa(Z_H^\top Z_H)}{\kappa(X_H^\top X_H)},\quad
         \mathrm{ratio}_P = \frac{\kappa(Z_P^\top Z_P)}{\kappa(X_P^\top X_P)},\quad
         \mathrm{RIR} = \mathrm{ratio}_H / \mathrm{ratio}_P
 
-    with κ by the input-rank rule (SPEC §2): on each side, over the top ``r = min(rank(X), K)``
-    eigenvalues of both covariances, as :func:`linear_immunization_ratios` does on the full
-    data. ``update(Z_P, X_P, Z_H, X_H)`` adds the four Gram matrices (features ``Z = f_θ(X)``
-    and inputs of each side; inputs (B, \*) are flattened, a side may be ``None`` to skip it).
-    ``rank(X)`` is read off the accumulated ``XᵀX``: σ_i = √λ_i counts when
-    ``σ_i > max(N, D)·eps·σ_max`` (``eps`` of the inputs' dtype, ``N`` all samples seen), but
-    never below ``√(max(N, D)·eps64)·σ_max``, the resolution of a float64 Gram matrix (see
-    :func:`_gram_rank`). ``compute()`` returns the dict of :func:`immunization_ratios` plus
-    ``rank_pretrain`` and ``rank_harmful``.
+    The reference is the identity extractor: ``κ(XᵀX)`` over ``r = rank(X)`` eigenvalues,
+    ``κ(ZᵀZ)`` over the top ``min(r, K)`` whatever their size; ``rank(X)`` by the tolerance rule
+    in float64 (``σ > max(N, D)·eps₆₄·σ_max``) for inputs of any dtype, and every κ from
+    singular values. ``update(Z_P, X_P, Z_H, X_H)`` appends a batch of each side (features
+    ``Z = f_θ(X)`` and the inputs they came from; (B, \*) flattened; ``None`` for both of a side
+    skips it). ``compute()`` calls the same function as :func:`linear_immunization_ratios` on
+    all the rows seen and returns its dict (ratios, the four κ, ``immunized``, ``rank_*``,
+    ``input_rank_*``).
 
-    Every state is a sum (the eps a max), so DDP sync is exact: ``compute()`` on any rank
-    equals a single process that saw all the batches.
+    The rows are kept (float64 list states, ``dist_reduce_fx="cat"``): singular values of the
+    data resolve directions a summed ``XᵀX`` cannot, and they do not depend on the row order, so
+    ``compute()`` under DDP equals a single process that saw every batch.
 
     Example:
         >>> import torch
@@ -351,9 +399,13 @@ class RelativeImmunizationRatio(_SquareStateMetric):
         >>> for i in range(0, 60, 20):  # three batches
         ...     metric.update(X_P[i:i + 20] @ theta, X_P[i:i + 20], X_H[i:i + 20], X_H[i:i + 20])
         >>> out = metric.compute()  # θ stretches one direction of D_P: ratio_P > 1
-        >>> out["ratio_harmful"], out["ratio_pretrain"] > 1, out["immunized"]
+        >>> round(out["ratio_harmful"], 12), out["ratio_pretrain"] > 1, out["immunized"]
         (1.0, True, False)
     """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
 
     def __init__(
         self, num_features: int | None = None, num_inputs: int | None = None, **kwargs
@@ -361,15 +413,23 @@ class RelativeImmunizationRatio(_SquareStateMetric):
         super().__init__(**kwargs)
         _check_positive_int(num_features, "num_features")
         _check_positive_int(num_inputs, "num_inputs")
-        for side in ("pretrain", "harmful"):
-            self._add_gram_state(f"features_{side}", num_features)
-            self._add_gram_state(f"inputs_{side}", num_inputs)
+        self.widths = {"features": num_features, "inputs": num_inputs}
+        for side in SIDES:
+            self.add_state(f"features_{side}", default=[], dist_reduce_fx="cat")
+            self.add_state(f"inputs_{side}", default=[], dist_reduce_fx="cat")
             self.add_state(
                 f"num_{side}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
             )
-            # eps of the inputs' dtype (float32 data resolve no finer than float32's eps)
-            self.add_state(
-                f"input_eps_{side}", default=torch.tensor(EPS64, dtype=F64), dist_reduce_fx="max"
+
+    def _check_width(self, kind: str, side: str, M: Tensor, label: str) -> None:
+        width = self.widths[kind]
+        state = getattr(self, f"{kind}_{side}")
+        if width is None and isinstance(state, list) and state:
+            width = state[0].shape[1]
+        if width is not None and width != M.shape[1]:
+            raise ValueError(
+                f"{label} changed width: earlier updates (or num_features/num_inputs) had "
+                f"{width}, this one has {M.shape[1]}."
             )
 
     def update(
@@ -379,7 +439,7 @@ class RelativeImmunizationRatio(_SquareStateMetric):
         Z_H: Tensor | None,
         X_H: Tensor | None,
     ) -> None:
-        """Add a batch of each side: features ``Z`` (B, K) and the inputs ``X`` (B, D) they
+        """Append a batch of each side: features ``Z`` (B, K) and the inputs ``X`` (B, D) they
         came from; ``None`` for both ``Z`` and ``X`` of a side skips that side."""
         batches = []
         for side, Z, X, zn, xn in (
@@ -392,40 +452,35 @@ class RelativeImmunizationRatio(_SquareStateMetric):
                 raise ValueError(f"{zn} and {xn} must be given together.")
             Z64, X64 = _as_matrix(Z, zn), _as_matrix(X, xn)
             _check_pair(Z64, X64, zn, xn)
-            self._check_gram_width(f"features_{side}", Z64.shape[1], f"features ({zn})")
-            self._check_gram_width(f"inputs_{side}", X64.shape[1], f"inputs ({xn})")
-            eps = max(EPS64, torch.finfo(X.dtype).eps) if X.dtype.is_floating_point else EPS64
-            batches.append((side, Z64, X64, eps))
-        for side, Z64, X64, eps in batches:  # validated first: an error leaves no trace
-            self._accumulate_gram(f"features_{side}", Z64, "features")
-            self._accumulate_gram(f"inputs_{side}", X64, "inputs")
+            self._check_width("features", side, Z64, f"features ({zn})")
+            self._check_width("inputs", side, X64, f"inputs ({xn})")
+            batches.append((side, Z64, X64))
+        for side, Z64, X64 in batches:  # validated first: an error leaves no trace
+            getattr(self, f"features_{side}").append(Z64)
+            getattr(self, f"inputs_{side}").append(X64)
             setattr(self, f"num_{side}", getattr(self, f"num_{side}") + X64.shape[0])
-            name = f"input_eps_{side}"
-            setattr(self, name, getattr(self, name).clamp_min(eps))
 
-    def compute(self) -> dict[str, float | bool]:
-        """The ratios, the four κ, ``immunized`` and the two ranks (Python scalars)."""
-        kappas: dict[str, float] = {}
-        ranks: dict[str, int] = {}
-        for side in ("pretrain", "harmful"):
-            n = getattr(self, f"num_{side}")
-            S = self._nonempty(f"features_{side}", n, f"{side} samples")
-            Sigma = self._nonempty(f"inputs_{side}", n, f"{side} samples")
-            r = _gram_rank(Sigma, int(n), float(getattr(self, f"input_eps_{side}")))
-            rank = min(r, S.shape[-1])
-            if rank == 0:
-                raise ValueError(f"the {side} inputs have rank 0 ({int(n)} samples).")
-            kappas[side] = float(condition_number(S, rank=rank))
-            kappas[f"{side}_reference"] = float(condition_number(Sigma, rank=rank))
-            ranks[f"rank_{side}"] = rank
-        out = immunization_ratios(
-            kappas["pretrain"],
-            kappas["harmful"],
-            kappas["pretrain_reference"],
-            kappas["harmful_reference"],
+    def _rows(self, name: str, side: str) -> Tensor:
+        state = getattr(self, name)
+        parts = [state] if isinstance(state, Tensor) else list(state)
+        parts = [p for p in parts if p.ndim == 2]  # an idle DDP rank contributes an empty 1-D
+        if not parts or int(getattr(self, f"num_{side}")) == 0:
+            raise ValueError(f"{type(self).__name__} has no {side} samples yet: call update().")
+        return dim_zero_cat(parts).to(F64)
+
+    def compute(self) -> dict[str, float | bool | int]:
+        """The ratios, the four κ, ``immunized`` and the ranks (Python scalars)."""
+        rows = {
+            f"{kind}_{side}": self._rows(f"{kind}_{side}", side)
+            for side in SIDES
+            for kind in ("features", "inputs")
+        }
+        return _relative_immunization_ratio_compute(
+            rows["features_pretrain"],
+            rows["inputs_pretrain"],
+            rows["features_harmful"],
+            rows["inputs_harmful"],
         )
-        out.update(ranks)
-        return out
 
 
 class DeepRelativeImmunizationRatio(Metric):

@@ -5,6 +5,7 @@ One training step, with manual optimization::
     zero_grad
     objective.backward(module, batch)   # task loss on D_P + the objective's regularizer terms,
                                         # each regularizer gradient preconditioned (SPEC §5)
+    check the step (finite task loss, regularizer terms and gradients; else ValueError)
     clip gradients; optimizer.step(); scheduler.step()
 
 The training loop knows nothing of the objective's maths: baselines (``rmax_only``, ``opt``,
@@ -18,15 +19,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_immunize.conditioning import (
+    RMAX_FLOOR,
     data_rank,
     feature_condition_number,
     feature_r_max,
@@ -36,13 +39,14 @@ from lightning_immunize.conditioning import (
     r_min,
     spectral_gradient,
 )
-from lightning_immunize.distributed import gather_rows
+from lightning_immunize.distributed import all_reduce_sum, gather_rows, world_size
 from lightning_immunize.models import LinearExtractor
 from lightning_immunize.preconditioning import (
     PreconditionedLinear,
+    PreconditionSwitch,
     check_mode,
     convert_linear_layers,
-    preconditioning,
+    deferred_preconditioning,
 )
 
 __all__ = [
@@ -56,14 +60,26 @@ __all__ = [
 
 SIDES = ("pretrain", "harmful")
 COVARIANCE_ESTIMATORS = ("batch", "ema")
+#: A kept spectrum with κ ≤ 1 + this is flat: R_max sits at its floor with a zero gradient
+#: (the closed form treats eigenvalues within 1e-10·σ_max as one repeated eigenvalue).
+FLAT_KAPPA_RTOL = 1e-9
 
 
 @dataclass
 class ObjectiveOutput:
-    """What an objective reports for one step: the task loss and scalars to log."""
+    """What an objective reports for one step.
+
+    Attributes:
+        loss: the task loss on the D_P batch (detached).
+        logs: scalars to log (``train/<key>``).
+        terms: each regularizer term's value by a readable name (``"r_max on harmful"``,
+            ``"log κ(S_H)"``); the module refuses the step, before ``optimizer.step()``, if
+            one of them is not finite.
+    """
 
     loss: Tensor
     logs: dict[str, Tensor | float] = field(default_factory=dict)
+    terms: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 class Objective:
@@ -71,7 +87,9 @@ class Objective:
 
     An objective owns the maths of one step: :meth:`backward` computes the task loss on the
     D_P batch and every regularizer term, and leaves the (preconditioned) gradients in the
-    parameters' ``.grad`` by calling ``module.manual_backward`` or by adding to ``.grad``.
+    parameters' ``.grad`` by calling ``module.manual_backward`` or by adding to ``.grad``. It
+    reports each term's value in :attr:`ObjectiveOutput.terms`, so that the module can name a
+    non-finite one.
     """
 
     #: Name used in configs (``method:``), reports and exported metadata.
@@ -158,6 +176,7 @@ class ConditionNumberObjective(Objective):
         self.preconditioner = preconditioner
         self.ridge = float(ridge)
         self.rank_rule = rank_rule
+        self._flat_warned: set[str] = set()
 
     # -- resolved settings ------------------------------------------------------------------
 
@@ -208,13 +227,25 @@ class ConditionNumberObjective(Objective):
         return [t for t in terms if t[2] > 0]
 
     def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
-        """Task loss + regularizers on the *global* batch (all ranks' features, SPEC §9), in
-        one backward pass (DDP expects one per step); ``exact`` adds its closed-form term to
-        θ's gradient afterwards, the same on every rank."""
+        """Eq. 11 by Algorithm 1: task loss + regularizers on the *global* batch (all ranks'
+        features, SPEC §9), each side's batch forwarded once.
+
+        ``none``: one backward of the sum. ``exact``: the task loss's backward, then the
+        closed-form term added to θ's gradient, the same on every rank. ``ridge``: see
+        :meth:`_ridge_backward`.
+        """
         extractor = module.extractor
         mode = self.mode_for(extractor)
         x = {side: batch[side][0] for side in SIDES}
-        z = {"pretrain": module.features(x["pretrain"], side="pretrain")}
+        terms = self.terms()
+        deferred: AbstractContextManager[PreconditionSwitch | None] = (
+            deferred_preconditioning(extractor) if mode == "ridge" else nullcontext()
+        )
+        with deferred as switch:
+            z = {"pretrain": module.features(x["pretrain"], side="pretrain")}
+            if any(side == "harmful" for side, _, _ in terms):
+                with torch.no_grad() if mode == "exact" else nullcontext():
+                    z["harmful"] = module.features(x["harmful"], side="harmful")
         loss = module.task_loss(z["pretrain"], batch["pretrain"][1])
         width = z["pretrain"].shape[-1]
         rank = {
@@ -222,28 +253,23 @@ class ConditionNumberObjective(Objective):
             for side in SIDES
         }
         logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
-        terms = self.terms()
+        values: dict[str, Tensor] = {}
         if mode == "exact":
             module.manual_backward(loss)
-            with torch.no_grad():
-                z["harmful"] = module.features(x["harmful"], side="harmful")
             for side, kind, lam in terms:
                 z_all = gather_rows(z[side].detach(), differentiable=False)
-                logs[kind] = self._exact_step(extractor, z_all, kind, lam, rank[side], side)
+                values[side] = self._exact_step(module, z_all, kind, lam, rank[side], side)
         else:
-            total = loss
+            regularizer: Tensor | float = 0.0
             for side, kind, lam in terms:
-                if mode == "ridge":  # a second forward whose weight gradients are preconditioned
-                    with preconditioning(extractor, enabled=True):
-                        zs = module.features(x[side], side=side)
-                else:
-                    zs = z.get(side)
-                    if zs is None:
-                        zs = z[side] = module.features(x[side], side=side)
-                value = self._regularizer(kind, gather_rows(zs), rank[side], side)
-                total = total + lam * value
-                logs[kind] = value.detach()
-            module.manual_backward(total)
+                values[side] = self._regularizer(kind, gather_rows(z[side]), rank[side], side)
+                regularizer = regularizer + lam * values[side]
+            if switch is not None and terms:
+                self._ridge_backward(module, loss, regularizer, switch)
+            else:
+                module.manual_backward(loss + regularizer)
+        for side, kind, _ in terms:
+            logs[kind] = values[side].detach()
         for side in SIDES:
             zs = z.get(side)
             if zs is None:
@@ -251,7 +277,80 @@ class ConditionNumberObjective(Objective):
                     zs = module.features(x[side], side=side)
             z_all = gather_rows(zs.detach().reshape(zs.shape[0], -1), differentiable=False)
             logs[f"kappa_{side}"] = feature_condition_number(z_all, rank=rank[side])
-        return ObjectiveOutput(loss=loss.detach(), logs=logs)
+        for side, kind, _ in terms:
+            if kind == "r_max":
+                self._warn_if_at_floor(module, side, values[side], logs[f"kappa_{side}"])
+        return ObjectiveOutput(
+            loss=loss.detach(),
+            logs=logs,
+            terms={f"{kind} on {side}": values[side].detach() for side, kind, _ in terms},
+        )
+
+    @staticmethod
+    def _ridge_backward(
+        module: ImmunizationModule,
+        loss: Tensor,
+        regularizer: Tensor | float,
+        switch: PreconditionSwitch,
+    ) -> None:
+        """Algorithm 1 with the ``ridge`` preconditioner from **one** forward of each side.
+
+        The forward ran under :func:`deferred_preconditioning`, so each ``PreconditionedLinear``
+        decides at backward time: the regularizer's gradients are taken first with
+        ``autograd.grad`` while the switch is on (weight gradients times ``(Σ+ρI)⁻¹``), then the
+        task loss goes through ``manual_backward`` with it off (plain), and the two are summed
+        in ``.grad``. A second forward would update BatchNorm statistics twice and draw other
+        dropout masks; two ``manual_backward`` calls would upset DDP, which expects one
+        backward per step (the head is not in the regularizer's graph). The regularizer's
+        gradients bypass DDP's averaging, so they are averaged over ranks here: each rank holds
+        ``W·∂R/∂θ`` of its own rows (the all-gather's backward sums over ranks), and the mean
+        is the global-batch gradient, the same on every rank — as in the ``exact`` mode.
+        """
+        params = [p for p in module.extractor.parameters() if p.requires_grad]
+        if not (params and isinstance(regularizer, Tensor) and regularizer.requires_grad):
+            module.manual_backward(loss)  # nothing of the extractor to regularize
+            return
+        with switch.on():
+            grads = torch.autograd.grad(
+                regularizer * _loss_scale(module), params, retain_graph=True, allow_unused=True
+            )
+        module.manual_backward(loss)
+        pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        if world_size() > 1 and pairs:
+            flat = all_reduce_sum(torch.cat([g.reshape(-1) for _, g in pairs])) / world_size()
+            sizes = [g.numel() for _, g in pairs]
+            chunks = flat.split(sizes)
+            pairs = [(p, c.view_as(g)) for (p, g), c in zip(pairs, chunks, strict=True)]
+        for p, g in pairs:
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.dtype))
+
+    def _warn_if_at_floor(
+        self, module: ImmunizationModule, side: str, value: Tensor, kappa: Tensor
+    ) -> None:
+        """Warn, once per objective and side, when R_max sits at its floor: a flat kept
+        spectrum (rank 1 or all eigenvalues equal) gives ``d(S) = 0``, ``R_max = 1/(floor·σ_1²)``
+        and an exactly zero gradient, so the term does nothing."""
+        if side in self._flat_warned:
+            return
+        if self.covariance == "ema":  # the regularized S is the running one, not the batch's
+            S = self._running[side]
+            at_floor = bool(value.detach() * S.square().sum() >= 0.5 / RMAX_FLOOR)
+        else:
+            at_floor = bool(kappa <= 1.0 + FLAT_KAPPA_RTOL)
+        if not at_floor:
+            return
+        self._flat_warned.add(side)
+        rank_zero_warn(
+            f"R_max on the {side} batch is at its floor at training step "
+            f"{module._step_label()}: the kept spectrum of the feature covariance is flat "
+            f"(κ = {float(kappa):.6g}; expected κ > 1 — rank-1 features or all eigenvalues "
+            "equal), so R_max = 1/(floor·σ_max²) has a zero gradient and this term does not "
+            f"immunize. Check the {side} data (identical or collinear samples? a batch of one "
+            "class?) and the extractor (collapsed features?). Warned once per objective and side."
+        )
 
     def _regularizer(self, kind: str, z: Tensor, rank: int | None, side: str) -> Tensor:
         z = z.reshape(z.shape[0], -1) / math.sqrt(z.shape[0])
@@ -281,7 +380,7 @@ class ConditionNumberObjective(Objective):
 
     def _exact_step(
         self,
-        extractor: LinearExtractor,
+        module: ImmunizationModule,
         z: Tensor,
         kind: str,
         lam: float,
@@ -289,7 +388,7 @@ class ConditionNumberObjective(Objective):
         side: str,
     ) -> Tensor:
         """Add ``λ·2θ∇_S R`` (the exact preconditioned gradient, D×K) to θ's gradient."""
-        weight = extractor.linear.weight  # θᵀ, K×D
+        weight = module.extractor.linear.weight  # θᵀ, K×D
         z = z / math.sqrt(z.shape[0])
         if self.covariance == "ema":
             S, batch_weight = self._ema_covariance(z, side)
@@ -300,10 +399,11 @@ class ConditionNumberObjective(Objective):
                 z, kind, rank=rank, left=weight.detach().mT
             )
         update = grad_theta.mT
+        alpha = 2.0 * lam * _loss_scale(module)
         if weight.grad is None:
-            weight.grad = (2.0 * lam * update).to(weight.dtype)
+            weight.grad = (alpha * update).to(weight.dtype)
         else:  # in place: no 784×784 temporaries on the hot path
-            weight.grad.add_(update.to(weight.dtype), alpha=2.0 * lam)
+            weight.grad.add_(update.to(weight.dtype), alpha=alpha)
         return value
 
 
@@ -354,7 +454,10 @@ class ConditionNumberOptObjective(Objective):
             rank = self._ranks.rank_for(module.extractor, x_all, width)
             zs = gather_rows(z[side].reshape(z[side].shape[0], -1))
             kappa[side] = feature_condition_number(zs, rank=rank)
-        log_gap = torch.log(kappa["pretrain"]) - torch.log(kappa["harmful"])
+        log_kappa = {side: torch.log(kappa[side]) for side in SIDES}
+        log_gap = log_kappa["pretrain"] - log_kappa["harmful"]
+        # κ = inf (a zero eigenvalue among the kept ones) makes this gradient NaN; the module
+        # refuses such a step before optimizer.step(), naming the term.
         module.manual_backward(loss + self.lambda_ * log_gap)
         return ObjectiveOutput(
             loss=loss.detach(),
@@ -363,6 +466,10 @@ class ConditionNumberOptObjective(Objective):
                 "log_kappa_gap": log_gap.detach(),
                 "kappa_pretrain": kappa["pretrain"].detach(),
                 "kappa_harmful": kappa["harmful"].detach(),
+            },
+            terms={
+                "log κ(S_P)": log_kappa["pretrain"].detach(),
+                "log κ(S_H)": log_kappa["harmful"].detach(),
             },
         )
 
@@ -404,6 +511,7 @@ class IMMAObjective(Objective):
         return ObjectiveOutput(
             loss=loss.detach(),
             logs={"task_loss": loss.detach(), "harmful_probe_loss": harmful_loss.detach()},
+            terms={"harmful probe loss L(D_H; w_H(θ))": harmful_loss.detach()},
         )
 
     @staticmethod
@@ -437,6 +545,19 @@ SchedulerFactory = Callable[
     [torch.optim.Optimizer],
     torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
 ]
+
+
+def _grad_scaler(module: pl.LightningModule) -> Any:
+    """The ``GradScaler`` of the trainer's precision plugin (16-bit mixed precision), else None."""
+    plugin = getattr(module._trainer, "precision_plugin", None)
+    return getattr(plugin, "scaler", None)
+
+
+def _loss_scale(module: pl.LightningModule) -> float:
+    """The factor ``manual_backward`` multiplies the loss by (1 without a ``GradScaler``), so
+    gradients an objective adds to ``.grad`` by hand are on the same scale."""
+    scaler = _grad_scaler(module)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
 @contextmanager
@@ -568,14 +689,62 @@ class ImmunizationModule(pl.LightningModule):
         self._check_finite(z, side, "features")
         return z
 
+    def _step_label(self) -> int | str:
+        """The trainer's global step, or ``"?"`` outside a trainer (for messages)."""
+        return self._trainer.global_step if self._trainer is not None else "?"
+
     def _check_finite(self, t: Tensor, side: str, what: str) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            step = self.trainer.global_step if self._trainer is not None else "?"
             raise ValueError(
                 f"non-finite {what} (NaN or inf in {bad} of {t.numel()} entries) in the "
-                f"{side} dataset's batch at training step {step}."
+                f"{side} dataset's batch at training step {self._step_label()}."
             )
+
+    def _check_step(self, out: ObjectiveOutput) -> None:
+        """Refuse, before ``optimizer.step()`` so the parameters stay as they were, a step
+        whose task loss, regularizer term (``out.terms``) or parameter gradient is not finite.
+
+        One device sync when all is well. Gradients are not checked under a ``GradScaler``
+        (16-bit mixed precision), which skips overflowing steps itself.
+        """
+        name = self.objective.name
+        terms = {k: torch.as_tensor(v) for k, v in out.terms.items()}
+        grads: list[tuple[str, Tensor]] = []
+        if _grad_scaler(self) is None:
+            grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        flags = [torch.isfinite(out.loss).all()]
+        flags += [torch.isfinite(v).all() for v in terms.values()]
+        flags += [torch.isfinite(g).all() for _, g in grads]
+        device = out.loss.device
+        if bool(torch.stack([f.to(device) for f in flags]).all()):
+            return
+        step = self._step_label()
+        refused = "The step was refused before optimizer.step(): the parameters were not updated."
+        if not torch.isfinite(out.loss).all():
+            raise ValueError(
+                f"non-finite task loss ({float(out.loss)}) on the pretrain dataset's batch at "
+                f"training step {step} (objective {name!r}); expected a finite loss. {refused}"
+            )
+        bad_terms = [f"{k} = {float(v)}" for k, v in terms.items() if not torch.isfinite(v).all()]
+        if bad_terms:
+            raise ValueError(
+                f"objective {name!r}: non-finite regularizer term {', '.join(bad_terms)} at "
+                f"training step {step}; expected a finite value (task loss "
+                f"{float(out.loss):.6g}). A degenerate feature spectrum is the usual cause, "
+                "e.g. κ = inf from a zero eigenvalue among those the rank rule keeps (dead or "
+                f"collapsed features). {refused}"
+            )
+        bad = [(n, g) for n, g in grads if not torch.isfinite(g).all()]
+        n, g = bad[0]
+        more = f" (and {len(bad) - 1} more parameter(s))" if len(bad) > 1 else ""
+        finite = ", ".join(f"{k} = {float(v):.6g}" for k, v in terms.items()) or "none"
+        raise ValueError(
+            f"objective {name!r}: non-finite gradient (NaN or inf in "
+            f"{int((~torch.isfinite(g)).sum())} of {g.numel()} entries) of {n}{more} at "
+            f"training step {step}; expected finite gradients (the task loss "
+            f"{float(out.loss):.6g} and the regularizer terms [{finite}] are finite). {refused}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.extractor(x))
@@ -669,11 +838,7 @@ class ImmunizationModule(pl.LightningModule):
         for side in SIDES:  # before any objective touches them, so the message names the side
             self._check_finite(batch[side][0], side, "inputs")
         out = self.objective.backward(self, batch)
-        if not torch.isfinite(out.loss):
-            raise ValueError(
-                f"non-finite task loss ({float(out.loss)}) on the pretrain dataset's batch at "
-                f"training step {self.trainer.global_step}."
-            )
+        self._check_step(out)
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()

@@ -16,7 +16,9 @@ regularizers evaluated on the batch-mean feature covariance ``ZᵀZ/N``.
 :class:`PreconditionedLinear` is a drop-in ``nn.Linear`` whose backward preconditions its
 weight gradient by the (ridge) inverse covariance of the inputs that went through it; the
 input and bias gradients are left alone. Toggle it with :func:`preconditioning` so only the
-regularizer's backward pass is preconditioned, never the task loss's.
+regularizer's backward pass is preconditioned, never the task loss's; or, to serve both from
+**one** forward, run the forward under :func:`deferred_preconditioning` and switch the
+preconditioner on only around the regularizer's backward (the switch is read at backward time).
 
 Example:
     >>> import torch
@@ -52,6 +54,8 @@ __all__ = [
     "PreconditionedLinear",
     "preconditioned_linear",
     "preconditioning",
+    "PreconditionSwitch",
+    "deferred_preconditioning",
     "convert_linear_layers",
 ]
 
@@ -119,11 +123,37 @@ def preconditioned_gradient(
     return plain if mode == "none" else ridge_solve(sigma, plain, ridge)
 
 
+class PreconditionSwitch:
+    """Backward-time switch of :func:`deferred_preconditioning`: weight gradients of the
+    forwards recorded under it are preconditioned only in backward passes run while
+    :attr:`enabled` is true (see :meth:`on`)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+
+    @contextmanager
+    def on(self) -> Iterator[None]:
+        """Precondition the backward passes run inside the block."""
+        previous, self.enabled = self.enabled, True
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
 class _PreconditionedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, ridge: float) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ridge: float,
+        switch: PreconditionSwitch | None,
+    ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.ridge = ridge
+        ctx.switch = switch
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
@@ -136,20 +166,28 @@ class _PreconditionedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ weight
         if ctx.needs_input_grad[1]:
-            # weight = θᵀ, so ∇_W = (∇_θ)ᵀ and the preconditioned ∇_W is ((Σ+ρI)⁻¹∇_θ)ᵀ.
-            grad_theta = flat_x.mT.to(DTYPE) @ flat_g.to(DTYPE)
-            grad_w = ridge_solve(global_input_covariance(flat_x), grad_theta, ctx.ridge).mT
-            grad_w = grad_w.to(weight.dtype)
+            if ctx.switch is not None and not ctx.switch.enabled:  # deferred, switched off
+                grad_w = flat_g.mT @ flat_x
+            else:
+                # weight = θᵀ, so ∇_W = (∇_θ)ᵀ and the preconditioned ∇_W is ((Σ+ρI)⁻¹∇_θ)ᵀ.
+                grad_theta = flat_x.mT.to(DTYPE) @ flat_g.to(DTYPE)
+                grad_w = ridge_solve(global_input_covariance(flat_x), grad_theta, ctx.ridge).mT
+                grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_g.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def preconditioned_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, ridge: float = 1e-3
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    ridge: float = 1e-3,
+    switch: PreconditionSwitch | None = None,
 ) -> Tensor:
-    """``F.linear`` whose weight gradient is preconditioned by ``(Σ_x + ρI)⁻¹``."""
-    return _PreconditionedLinearFunction.apply(x, weight, bias, ridge)
+    """``F.linear`` whose weight gradient is preconditioned by ``(Σ_x + ρI)⁻¹``; with a
+    ``switch``, only in backward passes run while ``switch.enabled``."""
+    return _PreconditionedLinearFunction.apply(x, weight, bias, ridge, switch)
 
 
 class PreconditionedLinear(nn.Linear):
@@ -157,7 +195,8 @@ class PreconditionedLinear(nn.Linear):
 
     ``Σ_x = xᵀx/N`` is the mean covariance of the inputs of this forward call (all leading
     dimensions flattened), over every DDP rank when a process group is initialised. With
-    ``precondition=False`` it is a plain ``nn.Linear``.
+    ``precondition=False`` it is a plain ``nn.Linear`` — except under
+    :func:`deferred_preconditioning`, where the backward-time switch decides.
 
     >>> layer = PreconditionedLinear(3, 2, bias=False)
     >>> with preconditioning(layer, enabled=False):
@@ -171,8 +210,12 @@ class PreconditionedLinear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.ridge = ridge
         self.precondition = precondition
+        self.switch: PreconditionSwitch | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        switch = getattr(self, "switch", None)
+        if switch is not None:
+            return preconditioned_linear(x, self.weight, self.bias, self.ridge, switch)
         if not self.precondition:
             return super().forward(x)
         return preconditioned_linear(x, self.weight, self.bias, self.ridge)
@@ -193,6 +236,43 @@ def preconditioning(module: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     finally:
         for m, state in zip(layers, previous, strict=True):
             m.precondition = state
+
+
+@contextmanager
+def deferred_preconditioning(module: nn.Module) -> Iterator[PreconditionSwitch]:
+    """Forwards of every :class:`PreconditionedLinear` in ``module`` inside the block defer the
+    choice to the backward pass: their weight gradients are plain unless the backward runs
+    inside ``switch.on()``. One forward thus serves a plain task-loss gradient and a
+    preconditioned regularizer gradient (Algorithm 1), e.g.::
+
+        with deferred_preconditioning(net) as switch:
+            z = net(x)
+        with switch.on():
+            reg_grads = torch.autograd.grad(R(z), params, retain_graph=True)
+        task_loss(z).backward()
+
+    >>> layer = PreconditionedLinear(3, 2, bias=False, precondition=False)
+    >>> x = torch.randn(8, 3)
+    >>> with deferred_preconditioning(layer) as switch:
+    ...     z = layer(x)
+    >>> plain = torch.autograd.grad(z.sum(), layer.weight, retain_graph=True)[0]
+    >>> torch.allclose(plain, torch.ones(2, 1) * x.sum(0))
+    True
+    >>> with switch.on():
+    ...     pre = torch.autograd.grad(z.sum(), layer.weight)[0]
+    >>> bool((pre - plain).abs().max() > 1e-3)
+    True
+    """
+    switch = PreconditionSwitch()
+    layers = [m for m in module.modules() if isinstance(m, PreconditionedLinear)]
+    previous = [getattr(m, "switch", None) for m in layers]
+    for m in layers:
+        m.switch = switch
+    try:
+        yield switch
+    finally:
+        for m, state in zip(layers, previous, strict=True):
+            m.switch = state
 
 
 def convert_linear_layers(

@@ -30,6 +30,10 @@ converge to exactly ``w*``; from a ``w_0`` with a component outside the row spac
 ``w* + P_⊥ w_0`` and the curve levels off at ``‖P_⊥ w_0‖ / ‖w_0 − w*‖``. If ``w_0 = w*`` the curve
 is defined as all zeros (``steps_to_tolerance = 0``).
 
+**All-zero Z** is refused with a ``ValueError`` by every function here: its ``w*`` is 0 and its
+curve would be all zeros, so a dead extractor would look trivially probeable (or, for
+:func:`linear_probe_accuracy`, stuck at chance: perfectly immunized). Neither is a measurement.
+
 All maths is in float64 on the device of ``Z``; the functions are pure (no global RNG use,
 inputs are not modified).
 
@@ -135,6 +139,7 @@ def _check_problem(Z: Tensor, y: Tensor, w0: Tensor | None = None) -> tuple[Tens
     y = y.detach().to(device=Z.device, dtype=F64)
     if not torch.isfinite(Z).all():
         raise ValueError("Z contains NaN or infinite values")
+    _check_not_all_zero(Z, "Z")
     if not torch.isfinite(y).all():
         raise ValueError("y contains NaN or infinite values")
     w_shape = (Z.shape[1],) + tuple(y.shape[1:])
@@ -147,6 +152,16 @@ def _check_problem(Z: Tensor, y: Tensor, w0: Tensor | None = None) -> tuple[Tens
         if not torch.isfinite(w0).all():
             raise ValueError("w0 contains NaN or infinite values")
     return Z, y, w0
+
+
+def _check_not_all_zero(Z: Tensor, name: str) -> None:
+    if not bool(Z.ne(0).any()):
+        raise ValueError(
+            f"{name} of shape {tuple(Z.shape)} is all zero (dead extractor?): there is nothing "
+            "to probe, and the attack would look trivially successful (norm-ratio curve of "
+            "zeros) or trivially defeated (chance accuracy). Expected features with at least "
+            "one non-zero entry."
+        )
 
 
 def _check_steps_tol(steps: int, tol: float) -> None:
@@ -227,7 +242,8 @@ def gd_exact_line_search(
 
     ``η_t = ⟨g_t, g_t⟩ / ⟨g_t, H g_t⟩`` with ``⟨g, H g⟩ = (2/N) ‖Z g‖²_F``. Stops early only if the
     gradient is exactly zero (the curve is then padded with its last value).
-    Shapes: ``Z`` (N, K), ``y`` (N,) or (N, C); curves (steps+1,).
+    Shapes: ``Z`` (N, K), ``y`` (N,) or (N, C); curves (steps+1,). An all-zero ``Z`` (a dead
+    extractor) raises ``ValueError``, as in every attacker.
     """
     _check_steps_tol(steps, tol)
     Z, y, w = _check_problem(Z, y, w0)
@@ -378,11 +394,15 @@ def run_attackers(
     tol: float = 1e-3,
     w0: Tensor | None = None,
 ) -> dict[str, ProbeTrajectory]:
-    """Run the named attackers (all of :data:`ATTACKERS` by default) on the same problem."""
+    """Run the named attackers (all of :data:`ATTACKERS` by default) on the same problem.
+
+    Raises ``ValueError`` before any attacker runs for an unknown name or a bad problem
+    (e.g. an all-zero ``Z``: a dead extractor)."""
     names = list(ATTACKERS) if names is None else list(names)
     unknown = [n for n in names if n not in ATTACKERS]
     if unknown:
         raise ValueError(f"unknown attacker name(s) {unknown}; valid names: {sorted(ATTACKERS)}")
+    _check_problem(Z, y, w0)
     return {n: ATTACKERS[n](Z, y, steps=steps, tol=tol, w0=w0) for n in names}
 
 
@@ -397,6 +417,8 @@ def _check_labels(Z: Tensor, labels: Tensor, num_classes: int, what: str) -> Ten
         raise ValueError(f"Z_{what} must be a 2-D tensor (N, K), got shape {shape}")
     if not torch.isfinite(Z).all():
         raise ValueError(f"Z_{what} contains NaN or infinite values")
+    if Z.numel():
+        _check_not_all_zero(Z, f"Z_{what}")
     if labels.dim() != 1 or labels.shape[0] != Z.shape[0]:
         raise ValueError(
             f"y_{what} must have shape ({Z.shape[0]},) to match Z_{what} {tuple(Z.shape)}, "
@@ -434,7 +456,8 @@ def linear_probe_accuracy(
     shuffling use a private generator seeded with ``seed``: the result is deterministic.
 
     Shapes: ``Z_train`` (N, K), ``y_train`` (N,) integer labels, ``Z_test`` (M, K), ``y_test``
-    (M,). Returns ``(epochs+1,)`` float64; index 0 is the accuracy before training.
+    (M,). Returns ``(epochs+1,)`` float64; index 0 is the accuracy before training. All-zero
+    ``Z_train`` or ``Z_test`` (a dead extractor) raises ``ValueError``.
     """
     if int(num_classes) != num_classes or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")

@@ -114,4 +114,6 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(case, tmp_path):
         assert (p_single - p_ddp).abs().max() < 1e-8, name
         moved = max(moved, float((p_single - initial[name]).abs().max()))
     assert moved > 1e-4  # the runs did train
-    assert report_ddp["rir"] == pytest.approx(report_single["rir"], rel=1e-9)
+    # Parameters agree to ~2e-15; the deep RIR's κ of ill-conditioned 16-wide features amplifies
+    # that round-off (measured 2.8e-9 relative with torch 2.14), so the bar is 1e-7, not 1e-9.
+    assert report_ddp["rir"] == pytest.approx(report_single["rir"], rel=1e-7)
