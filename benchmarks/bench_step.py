@@ -7,7 +7,7 @@ The immunization step is what ``ImmunizationModule.training_step`` does, without
 
     optimizer.zero_grad(); module.objective.backward(module, batch); optimizer.step()
 
-with :class:`~lightning_immunize.module.ConditionNumberObjective` (``module.manual_backward``
+with :class:`~lightning_immunize.objectives.ConditionNumberObjective` (``module.manual_backward``
 is replaced by a plain ``loss.backward()``). The plain step is ordinary fine-tuning of the
 same model on the same batch: task loss, ``backward()``, ``optimizer.step()``. With
 ``--plain both`` (default) its task loss covers both sides of the batch (the same 2·B
@@ -43,7 +43,7 @@ from functools import partial
 
 import torch
 
-from lightning_immunize.models import ClassifierHead, LinearExtractor, TimmBackbone
+from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 
 BATCH = 64
@@ -69,7 +69,7 @@ def build_linear(dtype: torch.dtype, device: torch.device) -> tuple[Immunization
     gen = torch.Generator().manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(784, 784, seed=1, dtype=dtype),
-        ClassifierHead(784, 1, task="binary").to(dtype),
+        LinearHead(784, 1, task="binary").to(dtype),
         ConditionNumberObjective(1.0, 1000.0, preconditioner="exact"),
         optimizer=partial(torch.optim.Adam, lr=1e-3),
     )

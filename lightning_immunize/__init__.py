@@ -13,6 +13,37 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # the Lightning pieces
+    "ImmunizationModule": "module",
+    "Objective": "objectives",
+    "ObjectiveOutput": "objectives",
+    "ConditionNumberObjective": "objectives",
+    "RMaxOnlyObjective": "objectives",
+    "ConditionNumberOptObjective": "objectives",
+    "IMMAObjective": "objectives",
+    "OBJECTIVES": "objectives",
+    "make_objective": "objectives",
+    "PairedDataModule": "datamodules",
+    "DigitsPairDataModule": "datamodules",
+    "MNISTPairDataModule": "datamodules",
+    "MNISTHalvesDataModule": "datamodules",
+    "HousePricesDataModule": "datamodules",
+    "ImagePairDataModule": "datamodules",
+    "ImmunizationReport": "callbacks",
+    "RIRCallback": "callbacks",
+    "ConditionNumberMonitor": "callbacks",
+    "ProbingCallback": "callbacks",
+    "PretrainFromScratch": "callbacks",
+    # metrics
+    "RelativeImmunizationRatio": "metrics",
+    "DeepRelativeImmunizationRatio": "metrics",
+    "ConditionNumber": "metrics",
+    "FeatureCovariance": "metrics",
+    "linear_immunization_ratios": "metrics",
+    # measurement
+    "immunization_report": "evaluation",
+    "probing_study": "evaluation",
+    "ProbingStudy": "evaluation",
     # conditioning
     "condition_number": "conditioning",
     "data_rank": "conditioning",
@@ -23,16 +54,17 @@ _EXPORTS: dict[str, str] = {
     "feature_r_max": "conditioning",
     "spectral_gradient": "conditioning",
     "feature_spectral_gradient": "conditioning",
-    # preconditioning
+    # preconditioning (the submodule itself is ``lightning_immunize.preconditioning``)
     "preconditioned_gradient": "preconditioning",
     "ridge_solve": "preconditioning",
     "input_covariance": "preconditioning",
     "PreconditionedLinear": "preconditioning",
     "preconditioned_linear": "preconditioning",
-    "preconditioning": "preconditioning",
+    "preconditioning_enabled": "preconditioning",
     "convert_linear_layers": "preconditioning",
     # models
     "LinearExtractor": "models",
+    "LinearHead": "models",
     "ClassifierHead": "models",
     "TimmBackbone": "models",
     "linear_head": "models",
@@ -44,6 +76,8 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "preconditioning":  # always the submodule, whatever was imported first
+        return importlib.import_module("lightning_immunize.preconditioning")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_immunize' has no attribute {name!r}")

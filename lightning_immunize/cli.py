@@ -3,15 +3,14 @@
     lightning-immunize fit --config configs/digits.yaml [--trainer.default_root_dir DIR]
     lightning-immunize export --ckpt RUN/checkpoints/last.ckpt --out model.safetensors
 
-At the end of ``fit`` the RIR of SPEC §6 is computed on the training split, printed, and
-written to ``immunization.json`` in the run's log directory (``trainer.log_dir``).
+At the end of ``fit`` the relative immunization ratio (Eq. 15) is computed on the training
+split, printed, and written to ``immunization.json`` in the run's log directory.
 Heavy imports (torch, Lightning, timm) happen only once a subcommand needs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,23 +19,10 @@ DESCRIPTION = "Model immunization from a condition-number perspective (ICML 2025
 
 
 def _lightning_cli(argv: Sequence[str] | None) -> int:
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_immunize.build import ImmunizationCLI
 
-    from lightning_immunize.callbacks.report import ImmunizationReport
-    from lightning_immunize.datamodules import PairedDataModule
-    from lightning_immunize.module import ImmunizationModule
-
-    class ImmunizeCLI(LightningCLI):
-        def before_fit(self) -> None:
-            if not any(isinstance(cb, ImmunizationReport) for cb in self.trainer.callbacks):
-                self.trainer.callbacks.append(ImmunizationReport())
-
-    ImmunizeCLI(
-        ImmunizationModule,
-        PairedDataModule,
-        subclass_mode_data=True,
-        args=None if argv is None else list(argv),
-        auto_configure_optimizers=False,
+    ImmunizationCLI(
+        argv,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
     )
@@ -60,112 +46,11 @@ def _export(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
 
-    from lightning_immunize.export import export_extractor, load_checkpoint
+    from lightning_immunize.export import export_checkpoint
 
-    ckpt = load_checkpoint(args.ckpt)
-    metadata = dict(ckpt.get("immunization", {}))
-    report_path = (
-        Path(args.report) if args.report else Path(args.ckpt).parent.parent / "immunization.json"
-    )
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        for key in ("rir", "ratio_harmful", "ratio_pretrain", "immunized", "data_fingerprint"):
-            if key in report:
-                metadata[key] = report[key]
-    elif args.report:
-        raise FileNotFoundError(f"report not found: {report_path}")
-    out = export_extractor(ckpt["state_dict"], args.out, metadata)
+    out, metadata = export_checkpoint(args.ckpt, args.out, args.report)
     print(f"wrote {out} ({', '.join(f'{k}={v}' for k, v in metadata.items())})")
     return 0
-
-
-def instantiate(args: Sequence[str]):
-    """A LightningCLI (not run) holding the module, data module and trainer that ``args``
-    (config files and overrides, as on the command line) describe."""
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_immunize.datamodules import PairedDataModule
-    from lightning_immunize.module import ImmunizationModule
-
-    return LightningCLI(
-        ImmunizationModule,
-        PairedDataModule,
-        subclass_mode_data=True,
-        run=False,
-        args=list(args),
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-    )
-
-
-def load_trained(config: str | Path, ckpt: str | Path):
-    """``(module, datamodule, θ_0)`` from a run's config and checkpoint.
-
-    ``θ_0`` is the extractor as the config builds it before training (pretrained weights or
-    its checkpoint path), used as the reference of a non-linear extractor. The module takes the
-    checkpoint's dtype (float64 for the linear configs) before its weights are loaded.
-    """
-    import copy
-
-    import torch
-
-    from lightning_immunize.export import load_checkpoint
-
-    cli = instantiate(["--config", str(config), "--trainer.logger", "false"])
-    module, datamodule = cli.model, cli.datamodule
-    reference = copy.deepcopy(module.extractor).eval()
-    state = load_checkpoint(ckpt)["state_dict"]
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    module = module.to(dtype)
-    module.load_state_dict(state)
-    module.eval()
-    return module, datamodule, reference
-
-
-def evaluate_checkpoint(
-    config: str | Path,
-    ckpt: str | Path,
-    out: str | Path,
-    steps: int = 200,
-    tol: float = 1e-3,
-    split: str = "train",
-    attackers: Sequence[str] | None = None,
-) -> Path:
-    """Write ``report.md``, ``ratios.json``, ``curves.csv`` and PNG figures into ``out``."""
-    from lightning_immunize.callbacks.plots import plot_attackers, plot_norm_ratio
-    from lightning_immunize.callbacks.probing import probing_study
-    from lightning_immunize.callbacks.report import evaluation_markdown, immunization_report
-    from lightning_immunize.models import LinearExtractor
-
-    module, datamodule, theta_0 = load_trained(config, ckpt)
-    linear = isinstance(module.extractor, LinearExtractor)
-    reference = None if linear else theta_0
-    report = immunization_report(module, datamodule, split, reference_extractor=reference)
-    study = probing_study(
-        module.extractor,
-        datamodule.full_tensors(split),
-        reference,
-        attackers,
-        steps,
-        tol,
-        task=getattr(datamodule, "task", None),
-    )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ratios.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    study.write_csv(out / "curves.csv")
-    plot_norm_ratio(study, out / "norm_ratio.png")
-    plot_attackers(study, out / "attackers.png")
-    figures = {
-        "Norm-ratio curves, GD with exact line search (D_H left, D_P right)": "norm_ratio.png",
-        "Every attacker": "attackers.png",
-    }
-    header = {"config": str(config), "checkpoint": str(ckpt)}
-    if "method" in report:
-        header["method"] = f"{report['method']} {report.get('objective', {})}"
-    path = out / "report.md"
-    path.write_text(evaluation_markdown(report, study, figures, header) + "\n")
-    return path
 
 
 def _evaluate(argv: Sequence[str]) -> int:
@@ -185,6 +70,8 @@ def _evaluate(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluation"
+
+    from lightning_immunize.experiments import evaluate_checkpoint
 
     report_md = evaluate_checkpoint(
         args.config,

@@ -1,11 +1,13 @@
-r"""Condition numbers and the two spectral regularizers, in float64 (SPEC §2–§4).
+r"""Condition numbers and the two spectral regularizers, in float64 (Section 2, Eq. 12,
+Theorems 4.1–4.2).
 
 Everything here works on a symmetric matrix ``S`` of shape ``(..., K, K)`` (a leading batch of
 matrices is allowed) or on a feature batch ``Z`` of shape ``(..., B, K)`` with ``S = ZᵀZ``.
 Inputs of any floating dtype are promoted to float64; results are float64 and gradients flow
 back to the input in its own dtype.
 
-**Which eigenvalues count** (SPEC §2). Singular values of a symmetric ``S`` are ``|λ_i|``.
+**Which eigenvalues count** (``docs/numerical-rank.md``). Singular values of a symmetric ``S``
+are ``|λ_i|``.
 
 * tolerance rule (default): ``σ_i`` counts when ``σ_i > rtol · σ_max`` with
   ``rtol = K · eps`` (NumPy's ``matrix_rank`` rule, ``K`` the side of ``S``; ``eps`` that of
@@ -13,7 +15,7 @@ back to the input in its own dtype.
 * input-rank rule: ``rank=r`` keeps the top ``r`` singular values whatever their size; use
   :func:`data_rank` on the inputs of a linear extractor to get ``r``.
 
-**Regularizers** (SPEC §3), on the kept ``σ_1 ≥ … ≥ σ_k``:
+**Regularizers** (Theorem A.1 after Nenov et al. 2024, and Eq. 12), on the kept ``σ_1 ≥ … ≥ σ_k``:
 
 * ``R_min(S) = ½σ_1² − (1/2k)·Σσ_i²`` with ``∇_S R_min = σ_1 u_1u_1ᵀ − S_k/k``;
 * ``d(S) = (1/2k)·Σσ_i² − ½σ_k²``, ``R_max(S) = 1/(d + δ)`` with
@@ -30,7 +32,7 @@ defined; we use the minimum-norm subgradient, the average ``P/m`` of the project
 the ``m``-dimensional eigenspace (eigenvalues within ``1e-10 · σ_max`` of the extreme one count
 as repeated). It is finite, symmetric and independent of the eigenvector basis.
 
-**Gram route** (SPEC §3). For ``Z`` with ``B < K`` the kept eigenvalues of ``ZᵀZ`` are those of
+**Gram route**. For ``Z`` with ``B < K`` the kept eigenvalues of ``ZᵀZ`` are those of
 ``ZZᵀ`` (``B × B``), so ``feature_*`` functions pick the cheaper side automatically; the
 gradient w.r.t. ``Z`` is the same either way (``2 Z ∇_S R = 2 ∇_G R Z``).
 

@@ -1,4 +1,4 @@
-"""Global-batch collectives for the regularizers under DDP (SPEC §9).
+"""Global-batch collectives for the regularizers under DDP (``docs/distributed.md``).
 
 ``S = ZᵀZ`` is a sum over samples, so every rank must see the global batch. Features are
 all-gathered with the *differentiable* collective of ``torch.distributed.nn``: its backward

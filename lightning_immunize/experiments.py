@@ -1,4 +1,4 @@
-"""The experiment runner behind ``lightning-immunize reproduce`` (SPEC §7–§8).
+"""The experiment runner behind ``lightning-immunize reproduce`` (the paper's Section 5).
 
 Every (method, seed, digit pair) of a protocol runs in one process; each finished run is
 appended to ``<out>/runs.csv`` at once, so an interrupted sweep resumes where it stopped and
@@ -16,32 +16,39 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
-import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lightning_immunize.evaluation.tables import (
+    METHODS,
+    deep_summary_table,
+    probe_table,
+    summary_table,
+)
+from lightning_immunize.sides import DISPLAY_SIDES
+
 __all__ = [
     "PROTOCOLS",
     "RUN_COLUMNS",
     "Run",
+    "evaluate_checkpoint",
     "load_protocols",
     "plan_runs",
     "read_runs",
     "run_sweep",
-    "summary_table",
+    "write_summary",
 ]
 
 PROTOCOLS = ("house-prices", "digits", "mnist", "deep-mnist")
 #: Protocols with a deep extractor: RIR against θ_0, accuracy-curve probes.
 DEEP_PROTOCOLS = ("deep-mnist",)
-METHODS = ("identity", "rmax_only", "imma", "opt", "ours")
 RUN_COLUMNS = [
     "method",
     "seed",
@@ -63,8 +70,6 @@ RUN_COLUMNS = [
     "ratio_pretrain_std",
     "seconds",
 ]
-#: Colour range of the RIR heat-maps (log scale, symmetric around 1).
-RIR_SCALE = (1e-3, 1e3)
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "configs" / "reproduce.yaml"
 
 
@@ -171,10 +176,10 @@ def _execute_deep(protocol_spec: dict[str, Any], run: Run, out: Path) -> dict[st
     against θ_0 and the probe accuracy curves (written to ``<out>/probes``)."""
     import copy
 
+    from lightning_immunize.build import instantiate
     from lightning_immunize.callbacks.pretrain import PretrainFromScratch
-    from lightning_immunize.callbacks.probing import probe_accuracy_curves
-    from lightning_immunize.callbacks.report import immunization_report, task_metric
-    from lightning_immunize.cli import instantiate
+    from lightning_immunize.evaluation.report import immunization_report, task_metric
+    from lightning_immunize.evaluation.study import probe_accuracy_curves
 
     cli = instantiate(_cli_args(protocol_spec, run))
     module, datamodule = cli.model, cli.datamodule
@@ -215,8 +220,8 @@ def _execute_deep(protocol_spec: dict[str, Any], run: Run, out: Path) -> dict[st
 def _execute(protocol_spec: dict[str, Any], run: Run, curves_dir: Path | None) -> dict[str, Any]:
     import torch
 
-    from lightning_immunize.callbacks.report import immunization_report
-    from lightning_immunize.cli import instantiate
+    from lightning_immunize.build import instantiate
+    from lightning_immunize.evaluation.report import immunization_report
     from lightning_immunize.models import LinearExtractor
 
     cli = instantiate(_cli_args(protocol_spec, run))
@@ -244,7 +249,7 @@ def _save_curves(module: Any, datamodule: Any, run: Run, curves_dir: Path) -> No
     """Exact-line-search norm-ratio curves of both sides (for ``norm_ratio.png``)."""
     import torch
 
-    from lightning_immunize.callbacks.probing import probing_study
+    from lightning_immunize.evaluation.study import probing_study
 
     study = probing_study(
         module.extractor,
@@ -256,17 +261,28 @@ def _save_curves(module: Any, datamodule: Any, run: Run, curves_dir: Path) -> No
     )
     curves = {
         f"{side}_{model}": study.curves[side][model]["gd_exact"].norm_ratio
-        for side in ("harmful", "pretrain")
+        for side in DISPLAY_SIDES
         for model in ("reference", "immunized")
     }
     curves_dir.mkdir(parents=True, exist_ok=True)
     torch.save(curves, curves_dir / f"{run.method}_seed{run.seed}.pt")
 
 
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's per-run warnings and banners off for the block only (a sweep starts
+    hundreds of trainers); the caller's warning filters and log levels come back after."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def run_sweep(
@@ -290,15 +306,15 @@ def run_sweep(
     done = {(r["method"], r["seed"], r["pretrain"], r["harmful"]) for r in read_runs(runs_csv)}
     todo = [r for r in plan_runs(protocol, methods, seeds, pairs) if r.key not in done]
     curves_dir = out / "curves" if protocol == "house-prices" else None
-    _quiet()
-    for run in _progress(todo, progress, protocol, len(done)):
-        if protocol in DEEP_PROTOCOLS:
-            report = _execute_deep(spec, run, out)
-        else:
-            report = _execute(spec, run, curves_dir)
-        row = {**report, "method": run.method, "seed": run.seed}
-        row["pretrain"], row["harmful"] = _cell(run.pretrain), _cell(run.harmful)
-        _append_row(runs_csv, row)
+    with _quiet():
+        for run in _progress(todo, progress, protocol, len(done)):
+            if protocol in DEEP_PROTOCOLS:
+                report = _execute_deep(spec, run, out)
+            else:
+                report = _execute(spec, run, curves_dir)
+            row = {**report, "method": run.method, "seed": run.seed}
+            row["pretrain"], row["harmful"] = _cell(run.pretrain), _cell(run.harmful)
+            _append_row(runs_csv, row)
     return write_summary(protocol, out, spec.get("command"))
 
 
@@ -317,177 +333,9 @@ def _progress(todo: list[Run], enabled: bool, protocol: str, done: int) -> Itera
         yield run
 
 
-def _floats(rows: list[dict[str, str]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key) not in ("", None)]
-
-
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}g}"
-    return f"{statistics.fmean(values):.{digits}g} ± {statistics.pstdev(values):.{digits}g}"
-
-
-def method_order(present: Iterable[str], methods: Sequence[str] | None = None) -> list[str]:
-    """The methods in ``present``, in the order of ``methods`` (default :data:`METHODS`), any
-    others after them alphabetically."""
-    present = set(present)
-    order = [m for m in (methods or METHODS) if m in present]
-    return order + sorted(present - set(order))
-
-
-def summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -> str:
-    """Markdown: per method, mean ± std of the ratios, immunized count, task metric, time."""
-    order = method_order({r["method"] for r in rows}, methods)
-    metric = next((r["task_metric_name"] for r in rows if r.get("task_metric_name")), "task")
-    lines = [
-        f"| method | runs | ratio_harmful | ratio_pretrain | RIR | RIR median | immunized | "
-        f"task {metric} | seconds / run | seconds total |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method in order:
-        sel = [r for r in rows if r["method"] == method]
-        rir = _floats(sel, "rir")
-        immunized = sum(r["immunized"] == "True" for r in sel)
-        seconds = _floats(sel, "seconds")
-        lines.append(
-            f"| {method} | {len(sel)} | {_mean_std(_floats(sel, 'ratio_harmful'))} | "
-            f"{_mean_std(_floats(sel, 'ratio_pretrain'))} | {_mean_std(rir)} | "
-            f"{statistics.median(rir):.3g} | {immunized} / {len(sel)} | "
-            f"{_mean_std(_floats(sel, 'task_metric'))} | {statistics.fmean(seconds):.2f} | "
-            f"{sum(seconds):.0f} |"
-        )
-    return "\n".join(lines)
-
-
-#: Probe epochs whose accuracy the deep tables show.
-PROBE_EPOCHS_SHOWN = (1, 5, 20)
-#: Epochs-to-threshold: the fraction of θ_0's final probe accuracy to reach.
-PROBE_FRACTION = 0.9
-
-
-def read_probes(out: str | Path) -> dict[tuple[str, str], dict[str, dict[str, list[float]]]]:
-    """Probe accuracy curves of a deep sweep, keyed ``(method, seed)``."""
-    probes = {}
-    for f in sorted((Path(out) / "probes").glob("*_seed*.json")):
-        method, seed = f.stem.rsplit("_seed", 1)
-        probes[(method, seed)] = json.loads(f.read_text())
-    return probes
-
-
-def deep_summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -> str:
-    """Markdown: per method, deep RIR figures (mean ± std over seeds of the group means),
-    immunized count, D_P held-out accuracy of θ_0 and after, time."""
-    order = method_order({r["method"] for r in rows}, methods)
-    lines = [
-        "| method | seeds | ratio_harmful | ratio_pretrain | RIR | immunized | "
-        "D_P accuracy θ_0 | D_P accuracy after | change (points) | seconds / run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method in order:
-        sel = [r for r in rows if r["method"] == method]
-        after, before = _floats(sel, "task_metric"), _floats(sel, "task_metric_before")
-        change = [100 * (a - b) for a, b in zip(after, before, strict=False)]
-        lines.append(
-            f"| {method} | {len(sel)} | {_mean_std(_floats(sel, 'ratio_harmful'))} | "
-            f"{_mean_std(_floats(sel, 'ratio_pretrain'))} | {_mean_std(_floats(sel, 'rir'))} | "
-            f"{sum(r['immunized'] == 'True' for r in sel)} / {len(sel)} | "
-            f"{_mean_std([100 * b for b in before], 4)} % | "
-            f"{_mean_std([100 * a for a in after], 4)} % | {_mean_std(change, 2)} | "
-            f"{statistics.fmean(_floats(sel, 'seconds')):.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def _epochs_to(curve: list[float], threshold: float) -> int | None:
-    return next((e for e, acc in enumerate(curve) if acc >= threshold), None)
-
-
-def probe_table(
-    probes: dict[tuple[str, str], dict[str, dict[str, list[float]]]],
-    reference: str = "identity",
-    fraction: float = PROBE_FRACTION,
-) -> tuple[str, dict[str, dict[str, dict[str, list[float]]]]]:
-    """Markdown of the probing attackers, and the mean curves per method (for the figure).
-
-    Per (optimizer, side, method): mean held-out accuracy after the epochs of
-    :data:`PROBE_EPOCHS_SHOWN`, and per seed the epochs to reach ``fraction`` of θ_0's final
-    accuracy (θ_0 = the ``reference`` run of the same seed; ``> cap`` when not reached), with
-    a plain verdict against θ_0.
-    """
-    methods = method_order({k[0] for k in probes})
-    seeds = sorted({k[1] for k in probes}, key=lambda v: (len(v), v))
-    mean_curves: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for method in methods:
-        runs = [probes[(method, s)] for s in seeds if (method, s) in probes]
-        mean_curves[method] = {
-            side: {
-                opt: [statistics.fmean(c) for c in zip(*(r[side][opt] for r in runs), strict=True)]
-                for opt in runs[0][side]
-            }
-            for side in runs[0]
-        }
-    if not probes:
-        return "", mean_curves
-    first = next(iter(probes.values()))
-    cap = len(next(iter(first["harmful"].values()))) - 1
-    shown = [e for e in PROBE_EPOCHS_SHOWN if e <= cap]
-    lines = [
-        f"Linear probe on frozen penultimate features, {cap} epochs; held-out accuracy (%, mean "
-        f"over seeds) after {', '.join(map(str, shown))} epoch(s), and per seed the epochs to "
-        f"reach {fraction:.0%} of θ_0's final accuracy (same seed; `> {cap}`: not reached).",
-        "",
-        "| optimizer | task | method | "
-        + " | ".join(f"acc @{e}" for e in shown)
-        + " | epochs to threshold (per seed) | vs θ_0 |",
-        "|---|---|---|" + "---|" * len(shown) + "---|---|",
-    ]
-    for opt in ("sgd", "adam"):
-        for side in ("harmful", "pretrain"):
-            for method in methods:
-                cells, slower, faster, compared = [], 0, 0, 0
-                for seed in seeds:
-                    run = probes.get((method, seed))
-                    ref = probes.get((reference, seed))
-                    if run is None or opt not in run.get(side, {}):
-                        continue
-                    if ref is None:
-                        cells.append("—")
-                        continue
-                    threshold = fraction * ref[side][opt][-1]
-                    e_run = _epochs_to(run[side][opt], threshold)
-                    e_ref = _epochs_to(ref[side][opt], threshold)
-                    cells.append(f"> {cap}" if e_run is None else str(e_run))
-                    if method != reference:
-                        compared += 1
-                        a = cap + 1 if e_run is None else e_run
-                        b = cap + 1 if e_ref is None else e_ref
-                        slower += a > b
-                        faster += a < b
-                if not cells:
-                    continue
-                if method == reference or not compared:
-                    verdict = "θ_0" if method == reference else "—"
-                elif slower == compared:
-                    verdict = "**slower** (every seed)"
-                elif slower:
-                    verdict = f"slower on {slower} of {compared} seeds"
-                elif faster:
-                    verdict = f"not slower (faster on {faster} of {compared})"
-                else:
-                    verdict = "not slower"
-                accs = [f"{100 * mean_curves[method][side][opt][e]:.1f}" for e in shown]
-                lines.append(
-                    f"| {opt} | {'D_H' if side == 'harmful' else 'D_P'} | {method} | "
-                    + " | ".join(accs)
-                    + f" | {', '.join(cells)} | {verdict} |"
-                )
-    return "\n".join(lines), mean_curves
-
-
 def _deep_summary(out: Path, rows: list[dict[str, str]]) -> list[str]:
-    from lightning_immunize.callbacks.plots import plot_probe_accuracy
+    from lightning_immunize.evaluation.plots import plot_probe_accuracy
+    from lightning_immunize.evaluation.study import read_probes
 
     text = [
         "Deep RIR of SPEC §6 (Eq. 17) against θ_0 on G groups × n samples of the training "
@@ -524,6 +372,8 @@ def write_summary(protocol: str, out: str | Path, command: str | None = None) ->
         summary_table(rows),
         "",
     ]
+    from lightning_immunize.evaluation.plots import plot_heatmap, plot_method_curves
+
     figures = []
     if protocol in ("digits", "mnist"):
         for method in sorted({r["method"] for r in rows}):
@@ -543,89 +393,49 @@ def write_summary(protocol: str, out: str | Path, command: str | None = None) ->
     return table
 
 
-def plot_heatmap(rows: list[dict[str, str]], method: str, path: Path) -> Path | None:
-    """10×10 map of RIR (log colour scale; immunized pairs marked ✓, others ✗), averaged over
-    seeds. Rows: D_P digit, columns: D_H digit."""
-    import matplotlib
+def evaluate_checkpoint(
+    config: str | Path,
+    ckpt: str | Path,
+    out: str | Path,
+    steps: int = 200,
+    tol: float = 1e-3,
+    split: str = "train",
+    attackers: Sequence[str] | None = None,
+) -> Path:
+    """Write ``report.md``, ``ratios.json``, ``curves.csv`` and PNG figures into ``out``."""
+    from lightning_immunize.build import load_trained
+    from lightning_immunize.evaluation.plots import plot_attackers, plot_norm_ratio
+    from lightning_immunize.evaluation.report import immunization_report
+    from lightning_immunize.evaluation.study import probing_study
+    from lightning_immunize.evaluation.tables import evaluation_markdown
+    from lightning_immunize.models import LinearExtractor
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    sel = [r for r in rows if r["method"] == method and r["pretrain"] != ""]
-    if not sel:
-        return None
-    rir = np.full((10, 10), np.nan)
-    ok = np.zeros((10, 10), dtype=bool)
-    cells: dict[tuple[int, int], list[dict[str, str]]] = {}
-    for r in sel:
-        cells.setdefault((int(r["pretrain"]), int(r["harmful"])), []).append(r)
-    for (a, b), rs in cells.items():
-        rir[a, b] = math.exp(statistics.fmean(math.log(max(float(r["rir"]), 1e-300)) for r in rs))
-        ok[a, b] = all(r["immunized"] == "True" for r in rs)
-    # One symmetric log scale for every method: RIR = 1 sits in the middle (yellow), immunizing
-    # pairs are green, pairs made worse red, so maps of different methods compare at a glance.
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    image = ax.imshow(rir, norm=LogNorm(vmin=RIR_SCALE[0], vmax=RIR_SCALE[1]), cmap="RdYlGn")
-    for a, b in cells:
-        ax.text(
-            b,
-            a,
-            "✓" if ok[a, b] else "✗",
-            ha="center",
-            va="center",
-            fontsize=9,
-            color="black" if ok[a, b] else "darkred",
-        )
-    ax.set_xticks(range(10))
-    ax.set_yticks(range(10))
-    ax.set_xlabel("harmful digit (D_H)")
-    ax.set_ylabel("pre-training digit (D_P)")
-    ax.set_title(f"{method}: RIR per pair — {int(ok.sum())}/{len(cells)} immunized (✓)")
-    fig.colorbar(image, ax=ax, label="RIR (log scale, clipped to [1e-3, 1e3]; > 1 is good)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) -> Path | None:
-    """Fig. 1: exact-line-search norm-ratio curves on D_H and D_P, every method and the
-    identity (first seed found unless ``seed`` is given)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    files = sorted(curves_dir.glob("*_seed*.pt"))
-    if seed is not None:
-        files = [f for f in files if f.stem.endswith(f"_seed{seed}")]
-    by_method: dict[str, Path] = {}
-    for f in files:
-        by_method.setdefault(f.stem.rsplit("_seed", 1)[0], f)
-    if not by_method:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, side, title in zip(
-        axes, ("harmful", "pretrain"), ("D_H (harmful)", "D_P (pre-training)"), strict=True
-    ):
-        reference = None
-        for method in method_order(by_method):
-            curves = torch.load(by_method[method], weights_only=True)
-            reference = curves[f"{side}_reference"]
-            if method != "identity":
-                ax.semilogy(curves[f"{side}_immunized"].clamp_min(1e-16).numpy(), label=method)
-        if reference is not None:
-            ax.semilogy(reference.clamp_min(1e-16).numpy(), "k--", label="identity")
-        ax.set_title(f"{title}: GD with exact line search")
-        ax.set_xlabel("probing step t")
-        ax.set_ylabel("‖w_t − w*‖ / ‖w_0 − w*‖")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Immunized: slower on D_H (higher curves), not slower on D_P")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    module, datamodule, theta_0 = load_trained(config, ckpt)
+    linear = isinstance(module.extractor, LinearExtractor)
+    reference = None if linear else theta_0
+    report = immunization_report(module, datamodule, split, reference_extractor=reference)
+    study = probing_study(
+        module.extractor,
+        datamodule.full_tensors(split),
+        reference,
+        attackers,
+        steps,
+        tol,
+        task=getattr(datamodule, "task", None),
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ratios.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    study.write_csv(out / "curves.csv")
+    plot_norm_ratio(study, out / "norm_ratio.png")
+    plot_attackers(study, out / "attackers.png")
+    figures = {
+        "Norm-ratio curves, GD with exact line search (D_H left, D_P right)": "norm_ratio.png",
+        "Every attacker": "attackers.png",
+    }
+    header = {"config": str(config), "checkpoint": str(ckpt)}
+    if "method" in report:
+        header["method"] = f"{report['method']} {report.get('objective', {})}"
+    path = out / "report.md"
+    path.write_text(evaluation_markdown(report, study, figures, header) + "\n")
     return path

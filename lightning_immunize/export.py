@@ -17,7 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["load_checkpoint", "extractor_state", "export_extractor", "load_exported"]
+__all__ = [
+    "load_checkpoint",
+    "extractor_state",
+    "export_extractor",
+    "export_checkpoint",
+    "load_exported",
+]
+#: Figures of ``immunization.json`` copied into the exported header.
+REPORT_KEYS = ("rir", "ratio_harmful", "ratio_pretrain", "immunized", "data_fingerprint")
 
 EXTRACTOR_PREFIX = "extractor."
 
@@ -61,6 +69,29 @@ def export_extractor(
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(extractor_state(state_dict), str(out), metadata=header)
     return out
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, report: str | Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Export a checkpoint's extractor with the checkpoint's method and λs and the RIR figures of
+    ``report`` (default: the ``immunization.json`` of the checkpoint's run folder, if any).
+
+    Returns:
+        The written path and the metadata.
+
+    Raises:
+        FileNotFoundError: a missing checkpoint, or an explicit ``report`` that does not exist.
+    """
+    checkpoint = load_checkpoint(ckpt)
+    metadata = dict(checkpoint.get("immunization", {}))
+    report_path = Path(report) if report else Path(ckpt).parent.parent / "immunization.json"
+    if report_path.is_file():
+        figures = json.loads(report_path.read_text())
+        metadata.update({k: figures[k] for k in REPORT_KEYS if k in figures})
+    elif report:
+        raise FileNotFoundError(f"report not found: {report_path}")
+    return export_extractor(checkpoint["state_dict"], out, metadata), metadata
 
 
 def load_exported(path: str | Path, extractor: nn.Module) -> dict[str, str]:

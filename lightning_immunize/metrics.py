@@ -1,4 +1,4 @@
-r"""Immunization metrics (SPEC §6): the functional layer and the torchmetrics classes over it.
+r"""Immunization metrics (Eq. 15–17): the functional layer and the torchmetrics classes over it.
 
 Relative immunization ratio (linear, Eq. 15)::
 
@@ -37,6 +37,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_immunize.conditioning import condition_number, data_rank, feature_condition_number
+from lightning_immunize.sides import SIDES
 
 __all__ = [
     "extract_features",
@@ -51,7 +52,6 @@ __all__ = [
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
-SIDES = ("pretrain", "harmful")
 
 
 @torch.no_grad()
@@ -291,7 +291,8 @@ class FeatureCovariance(_SquareStateMetric):
     .. math:: S = \sum_{\text{batches}} Z_b^\top Z_b, \qquad n = \sum_b B_b,
 
     ``compute()`` returns ``S / n`` (``normalize=True``, the default) or ``S`` (K×K, uncentered,
-    as SPEC §1). ``update(Z)`` takes ``Z`` of shape (B, K) or (B, \*), flattened to (B, K). ``K``
+    as in the paper's Section 2). ``update(Z)`` takes ``Z`` of shape (B, K) or (B, \*),
+    flattened to (B, K). ``K``
     is fixed by ``num_features`` or by the first update; a later width raises ``ValueError``.
     Both states are sums (``dist_reduce_fx="sum"``), so under DDP ``compute()`` sees the global
     ``S`` and ``n``; give ``num_features`` when a rank may see no batch at all.
@@ -329,7 +330,7 @@ class FeatureCovariance(_SquareStateMetric):
 
 
 class ConditionNumber(FeatureCovariance):
-    r"""κ of the accumulated feature covariance ``S = Σ ZᵀZ`` (SPEC §2), float64.
+    r"""κ of the accumulated feature covariance ``S = Σ ZᵀZ``, float64.
 
     .. math:: \kappa(S) = \sigma_{\max}(S) / \sigma^{+}_{\min}(S)
 
@@ -484,7 +485,7 @@ class RelativeImmunizationRatio(Metric):
 
 
 class DeepRelativeImmunizationRatio(Metric):
-    r"""Relative immunization ratio of a deep net against its initial model (SPEC §6, Eq. 17).
+    r"""Relative immunization ratio of a deep net against its initial model (Eq. 17).
 
     .. math::
         \mathrm{ratio}_H^{(g)} = \frac{\kappa(S_H^{(g)}(\theta_I))}{\kappa(S_H^{(g)}(\theta_0))},
@@ -594,7 +595,7 @@ class DeepRelativeImmunizationRatio(Metric):
         gen = torch.Generator().manual_seed(self.seed)
         kappa: dict[str, Tensor] = {}
         ratio: dict[str, Tensor] = {}
-        for side in ("pretrain", "harmful"):
+        for side in SIDES:
             Z = self._features(f"features_{side}")
             Z_ref = self._features(f"features_{side}_reference")
             N = Z.shape[0]

@@ -1,11 +1,11 @@
-"""Feature extractors and classifier heads (SPEC §1, §5, §8).
+"""Feature extractors and classifier heads (the paper's Sections 2, 4 and 5).
 
-The immunization objective (SPEC Eq. 11) splits a model into a feature extractor
+The immunization objective (Eq. 11) splits a model into a feature extractor
 ``f_θ`` and a classifier head ``g_ω``. This module provides:
 
 - :class:`LinearExtractor`: the bias-free linear map ``f_θ(x) = θᵀx`` of the linear theory
   (``θ ∈ R^{D×K}``), initialised at random or at the identity;
-- :class:`ClassifierHead` (and :func:`linear_head`, :func:`bce_head`,
+- :class:`LinearHead` (and :func:`linear_head`, :func:`bce_head`,
   :func:`cross_entropy_head`): ``g_ω`` with the loss and metric of its task
   (regression / binary / multiclass);
 - :class:`TimmBackbone`: any timm model used as a pooled pre-logit feature extractor,
@@ -30,8 +30,8 @@ import copy
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "evaluating",
     "LinearExtractor",
+    "LinearHead",
     "ClassifierHead",
     "linear_head",
     "bce_head",
@@ -61,6 +63,26 @@ def _flatten_batch(x: torch.Tensor, name: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Linear feature extractor
 # --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, then back to the train/eval mode it had.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> with evaluating(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class LinearExtractor(nn.Module):
@@ -150,8 +172,9 @@ class LinearExtractor(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-class ClassifierHead(nn.Module):
-    """Linear head ``g_ω(z) = Wz + b`` with the loss and metric of its task.
+class LinearHead(nn.Module):
+    """Linear head ``g_ω(z) = Wz + b`` with the loss and metric of its task (classification
+    or regression).
 
     Args:
         in_features: feature width ``K``.
@@ -198,7 +221,7 @@ class ClassifierHead(nn.Module):
         z = _flatten_batch(z, type(self).__name__)
         if z.shape[1] != self.in_features:
             raise ValueError(
-                f"ClassifierHead: features have width {z.shape[1]}, "
+                f"LinearHead: features have width {z.shape[1]}, "
                 f"expected in_features={self.in_features}"
             )
         out = self.linear(z)
@@ -250,19 +273,33 @@ class ClassifierHead(nn.Module):
         return f"task={self.task!r}"
 
 
-def linear_head(in_features: int, out: int = 1) -> ClassifierHead:
+class ClassifierHead(LinearHead):
+    """Deprecated name of :class:`LinearHead` (the head also does regression); removed in the
+    next release. Same arguments, same state dict."""
+
+    def __init__(self, in_features: int, num_outputs: int, task: str) -> None:
+        warnings.warn(
+            "ClassifierHead is deprecated: use lightning_immunize.models.LinearHead (same "
+            "arguments).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(in_features, num_outputs, task)
+
+
+def linear_head(in_features: int, out: int = 1) -> LinearHead:
     """Regression head (MSE); output ``(B,)`` when ``out == 1``."""
-    return ClassifierHead(in_features, out, "regression")
+    return LinearHead(in_features, out, "regression")
 
 
-def bce_head(in_features: int) -> ClassifierHead:
+def bce_head(in_features: int) -> LinearHead:
     """Binary head: one logit per sample, output ``(B,)``, BCE-with-logits loss."""
-    return ClassifierHead(in_features, 1, "binary")
+    return LinearHead(in_features, 1, "binary")
 
 
-def cross_entropy_head(in_features: int, num_classes: int) -> ClassifierHead:
+def cross_entropy_head(in_features: int, num_classes: int) -> LinearHead:
     """Multiclass head: ``num_classes`` logits, cross-entropy loss."""
-    return ClassifierHead(in_features, num_classes, "multiclass")
+    return LinearHead(in_features, num_classes, "multiclass")
 
 
 # --------------------------------------------------------------------------------------
@@ -508,7 +545,7 @@ class TimmBackbone(nn.Module):
     def make_head(self) -> nn.Module:
         """A fresh copy of the timm model's original classifier.
 
-        A linear classifier comes back as a :class:`ClassifierHead` (``task="multiclass"``,
+        A linear classifier comes back as a :class:`LinearHead` (``task="multiclass"``,
         or ``"binary"`` for a single output) holding copies of its weights, so
         ``head(backbone(x))`` equals the original model's logits. A non-linear classifier
         is returned as a deep copy; a model built without one raises ``ValueError``.
@@ -516,7 +553,7 @@ class TimmBackbone(nn.Module):
         if self._head_weight is not None:
             out_features, in_features = self._head_weight.shape
             task = "multiclass" if out_features >= 2 else "binary"
-            head = ClassifierHead(in_features, out_features, task)
+            head = LinearHead(in_features, out_features, task)
             head = head.to(dtype=self._head_weight.dtype, device=self._head_weight.device)
             with torch.no_grad():
                 head.linear.weight.copy_(self._head_weight)

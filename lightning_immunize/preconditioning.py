@@ -1,4 +1,4 @@
-r"""Covariance-preconditioned regularizer gradients (SPEC §5, Theorem 4.2–4.3).
+r"""Covariance-preconditioned regularizer gradients (Algorithm 1, Theorems 4.2–4.3).
 
 For a linear extractor ``f_θ(x) = θᵀx`` (``θ`` of shape D×K) and a regularizer ``R`` of the
 feature covariance ``S = θᵀΣθ``, ``∇_θ R = 2·Σ·θ·∇_S R`` (Theorem 4.2). Algorithm 1 multiplies
@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,7 +54,7 @@ __all__ = [
     "preconditioned_gradient",
     "PreconditionedLinear",
     "preconditioned_linear",
-    "preconditioning",
+    "preconditioning_enabled",
     "PreconditionSwitch",
     "deferred_preconditioning",
     "convert_linear_layers",
@@ -199,7 +200,7 @@ class PreconditionedLinear(nn.Linear):
     :func:`deferred_preconditioning`, where the backward-time switch decides.
 
     >>> layer = PreconditionedLinear(3, 2, bias=False)
-    >>> with preconditioning(layer, enabled=False):
+    >>> with preconditioning_enabled(layer, enabled=False):
     ...     layer.precondition
     False
     >>> layer.precondition
@@ -225,7 +226,7 @@ class PreconditionedLinear(nn.Linear):
 
 
 @contextmanager
-def preconditioning(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+def preconditioning_enabled(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Switch every :class:`PreconditionedLinear` inside ``module`` on (or off) for a block."""
     layers = [m for m in module.modules() if isinstance(m, PreconditionedLinear)]
     previous = [m.precondition for m in layers]
@@ -236,6 +237,18 @@ def preconditioning(module: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     finally:
         for m, state in zip(layers, previous, strict=True):
             m.precondition = state
+
+
+def preconditioning(module: nn.Module, enabled: bool = True):
+    """Deprecated name of :func:`preconditioning_enabled` (it shadowed this module's own name
+    in the package namespace); removed in the next release."""
+    warnings.warn(
+        "lightning_immunize.preconditioning.preconditioning is deprecated; use "
+        "preconditioning_enabled.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return preconditioning_enabled(module, enabled)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-r"""Linear-probing attackers on frozen features (SPEC §6, norm-ratio curves): the functional layer.
+r"""Linear-probing attackers on frozen features (Eq. 16, norm-ratio curves): the functional layer.
 
 An attacker who holds frozen features ``Z`` (N, K) of a task and targets ``y`` (N,) or (N, C)
 fits a linear probe by minimising the squared loss
@@ -22,7 +22,7 @@ and the rate is attained (without the √κ) when the initial gradient has equal
 extreme eigen-directions of ``H``: a larger condition number of the features makes the probe
 slower, which is what immunization exploits. Other attackers (fixed step ``1/λ_max(H)``, Adam,
 L-BFGS, the closed-form solve) are provided for comparison; a fixed step does not show the
-effect as clearly, exact line search does (SPEC §6).
+effect as clearly, exact line search does (Section 5.1).
 
 **Rank-deficient Z.** ``w*`` is the minimum-norm solution. Every gradient lies in the row space of
 ``Z``, so gradient methods started from ``w_0 = 0`` (the default) stay in that row space and
@@ -238,7 +238,7 @@ def _gradient(Z: Tensor, y: Tensor, w: Tensor) -> Tensor:
 def gd_exact_line_search(
     Z: Tensor, y: Tensor, steps: int = 200, tol: float = 1e-3, w0: Tensor | None = None
 ) -> ProbeTrajectory:
-    """Gradient descent with exact line search on ``L`` (SPEC §6, Eq. 16).
+    """Gradient descent with exact line search on ``L`` (Eq. 16).
 
     ``η_t = ⟨g_t, g_t⟩ / ⟨g_t, H g_t⟩`` with ``⟨g, H g⟩ = (2/N) ‖Z g‖²_F``. Stops early only if the
     gradient is exactly zero (the curve is then padded with its last value).
@@ -517,8 +517,11 @@ def linear_probe_accuracy(
     return torch.tensor(curve, dtype=F64)
 
 
-def epochs_to_reach(curve: Tensor, threshold: float) -> int | None:
-    """First index ``e`` of a ``(E+1,)`` accuracy curve with ``curve[e] ≥ threshold``, or None."""
+def epochs_to_reach(curve: Tensor | Sequence[float], threshold: float) -> int | None:
+    """First index ``e`` of a ``(E+1,)`` accuracy curve (a tensor or a list) with
+    ``curve[e] ≥ threshold``, or None."""
+    if not isinstance(curve, Tensor):  # a list of accuracies: compare in float64, not float32
+        curve = torch.as_tensor(curve, dtype=torch.float64)
     if curve.dim() != 1:
         raise ValueError(f"curve must be 1-D, got shape {tuple(curve.shape)}")
     hit = torch.nonzero(curve >= threshold)

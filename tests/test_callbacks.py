@@ -9,10 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_immunize.callbacks.probing import ProbingCallback, probing_study
+from lightning_immunize.callbacks.probing import ProbingCallback
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import DigitsPairDataModule
-from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.evaluation.study import probing_study
+from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 
 
@@ -20,7 +21,7 @@ def test_probing_callback_and_report_in_a_fit(tmp_path):
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(64, 64, seed=0),
-        ClassifierHead(64, 1, "binary"),
+        LinearHead(64, 1, "binary"),
         ConditionNumberObjective(1.0, 100.0),
         optimizer=partial(torch.optim.Adam, lr=1e-3),
     )
@@ -61,7 +62,7 @@ def test_rir_callback_and_condition_monitor_log(tmp_path):
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(64, 64, seed=0),
-        ClassifierHead(64, 1, "binary"),
+        LinearHead(64, 1, "binary"),
         ConditionNumberObjective(1.0, 100.0),
     )
     rir = RIRCallback()
@@ -83,12 +84,12 @@ def test_rir_callback_and_condition_monitor_log(tmp_path):
 
 
 def test_deep_report_uses_groups_against_theta_0():
-    from lightning_immunize.callbacks.report import immunization_report
     from lightning_immunize.datamodules import PairedDataModule
+    from lightning_immunize.evaluation.report import immunization_report
 
     torch.manual_seed(0)
     extractor = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
-    head = ClassifierHead(8, 1, "binary")
+    head = LinearHead(8, 1, "binary")
     module = ImmunizationModule(extractor, head, ConditionNumberObjective())
     gen = torch.Generator().manual_seed(1)
     data = PairedDataModule(

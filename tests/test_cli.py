@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lightning_immunize.callbacks.report import immunization_report
 from lightning_immunize.cli import main
 from lightning_immunize.datamodules import DigitsPairDataModule
+from lightning_immunize.evaluation.report import immunization_report
 from lightning_immunize.export import load_checkpoint, load_exported
-from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_checkpoint_reload_gives_same_rir(digits_run: Path):
     module = ImmunizationModule.load_from_checkpoint(
         ckpt,
         extractor=LinearExtractor(64, 64).double(),
-        head=ClassifierHead(64, 1, "binary").double(),
+        head=LinearHead(64, 1, "binary").double(),
         objective=ConditionNumberObjective(1.0, 1000.0),
         weights_only=True,
     )

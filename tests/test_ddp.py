@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule
-from lightning_immunize.models import ClassifierHead, LinearExtractor, TimmBackbone
+from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 
 pytestmark = pytest.mark.skipif(
@@ -42,7 +42,7 @@ def linear_case():
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(d, d, seed=0),
-        ClassifierHead(d, 1, "binary"),
+        LinearHead(d, 1, "binary"),
         ConditionNumberObjective(1.0, 10.0, preconditioner="exact"),
         optimizer=partial(torch.optim.SGD, lr=0.05),
     )

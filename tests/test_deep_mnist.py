@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-from lightning_immunize.callbacks.pretrain import PretrainFromScratch, state_fingerprint
-from lightning_immunize.callbacks.probing import probe_accuracy_curves
+from lightning_immunize.callbacks.pretrain import PretrainFromScratch
 from lightning_immunize.datamodules import MNISTHalvesDataModule
+from lightning_immunize.evaluation.study import probe_accuracy_curves
 from lightning_immunize.models import TimmBackbone
 from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.pretraining import state_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "MNIST"

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import lightning_immunize.experiments as experiments
-from lightning_immunize.experiments import plan_runs, read_runs, run_sweep, summary_table
-from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.evaluation.tables import summary_table
+from lightning_immunize.experiments import plan_runs, read_runs, run_sweep
+from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import OBJECTIVES, ImmunizationModule, make_objective
 
 PAIRS = [(0, 1), (3, 8)]
@@ -90,7 +91,7 @@ def test_every_objective_takes_a_finite_step(method):
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(6, 6, seed=0).double(),
-        ClassifierHead(6, 1, "binary").double(),
+        LinearHead(6, 1, "binary").double(),
         method=method,
     )
     module.manual_backward = lambda loss: loss.backward()
@@ -113,11 +114,11 @@ def test_every_objective_takes_a_finite_step(method):
 
 
 def test_imma_differentiates_through_the_inner_steps():
-    objective = make_objective("imma", lambda_=1.0, inner_steps=3, inner_lr=0.5)
+    objective = make_objective("imma", lambda_harmful=1.0, inner_steps=3, inner_lr=0.5)
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(4, 4, seed=0).double(),
-        ClassifierHead(4, 1, "regression").double(),
+        LinearHead(4, 1, "regression").double(),
         objective,
     )
     module.manual_backward = lambda loss: loss.backward()
@@ -139,7 +140,7 @@ def test_method_and_objective_are_exclusive():
     with pytest.raises(ValueError, match="either objective or method"):
         ImmunizationModule(
             LinearExtractor(2, 2),
-            ClassifierHead(2, 1, "binary"),
+            LinearHead(2, 1, "binary"),
             objective=make_objective("ours"),
             method="opt",
         )

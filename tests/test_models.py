@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_immunize.models import (
-    ClassifierHead,
     LinearExtractor,
+    LinearHead,
     TimmBackbone,
     bce_head,
     cross_entropy_head,
@@ -136,9 +136,9 @@ def test_multiclass_head() -> None:
 
 def test_head_errors() -> None:
     with pytest.raises(ValueError, match="ordinal"):
-        ClassifierHead(4, 2, "ordinal")
+        LinearHead(4, 2, "ordinal")
     with pytest.raises(ValueError, match="num_outputs"):
-        ClassifierHead(4, 1, "multiclass")
+        LinearHead(4, 1, "multiclass")
     head = cross_entropy_head(4, 3)
     with pytest.raises(ValueError, match=r"(?s)5.*4"):
         head(torch.randn(2, 5))
@@ -206,7 +206,7 @@ def test_make_head_reproduces_logits(tmp_path) -> None:
 
     bb = TimmBackbone("resnet18", in_chans=1, num_classes=10, checkpoint_path=str(path)).eval()
     head = bb.make_head()
-    assert isinstance(head, ClassifierHead) and head.task == "multiclass"
+    assert isinstance(head, LinearHead) and head.task == "multiclass"
     with torch.no_grad():
         torch.testing.assert_close(head(bb(x)), expected)
     # make_head returns an independent copy

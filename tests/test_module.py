@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_immunize.conditioning import feature_condition_number
 from lightning_immunize.datamodules import PairedDataModule
-from lightning_immunize.models import ClassifierHead, LinearExtractor, TimmBackbone
+from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
 from lightning_immunize.module import (
     ConditionNumberObjective,
     ImmunizationModule,
@@ -35,7 +35,7 @@ def linear_module(objective, d: int = 8, lr: float = 1e-2) -> ImmunizationModule
     torch.manual_seed(0)  # same head for every module, so only the objective differs
     return ImmunizationModule(
         LinearExtractor(d, d, init="random", seed=0).double(),
-        ClassifierHead(d, 1, "binary").double(),
+        LinearHead(d, 1, "binary").double(),
         objective,
         optimizer=partial(torch.optim.SGD, lr=lr),
     )
@@ -107,7 +107,7 @@ def test_logs_and_optimizer_groups():
     batch = linear_batch(2)
     module = ImmunizationModule(
         LinearExtractor(8, 8, seed=0).double(),
-        ClassifierHead(8, 1, "binary").double(),
+        LinearHead(8, 1, "binary").double(),
         ConditionNumberObjective(1.0, 1.0),
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
         head_lr=1e-2,
@@ -257,7 +257,7 @@ def test_ridge_needs_linear_layers():
     with pytest.raises(ValueError, match="'ridge' needs nn.Linear layers.*Sequential"):
         ImmunizationModule(
             extractor,
-            ClassifierHead(4, 1, "binary"),
+            LinearHead(4, 1, "binary"),
             ConditionNumberObjective(preconditioner="ridge"),
         )
 

@@ -17,7 +17,7 @@ from lightning_immunize.preconditioning import (
     convert_linear_layers,
     input_covariance,
     preconditioned_gradient,
-    preconditioning,
+    preconditioning_enabled,
     ridge_solve,
 )
 
@@ -116,7 +116,7 @@ def test_preconditioning_switch_and_conversion_keep_plain_behaviour():
     net(x).square().sum().backward()
     plain_grad = net[2].weight.grad.clone()
     net.zero_grad()
-    with preconditioning(net):
+    with preconditioning_enabled(net):
         assert net[2].precondition
         out = net(x)
         out.square().sum().backward()

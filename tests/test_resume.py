@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_immunize.callbacks.report import REPORT_NAME
+from lightning_immunize.evaluation.report import REPORT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = Path(__file__).resolve().parent / "support"
@@ -97,7 +97,7 @@ def test_resume_mid_epoch_with_a_cycled_shorter_side(tmp_path):
     from torch.utils.data import TensorDataset
 
     from lightning_immunize.datamodules import PairedDataModule
-    from lightning_immunize.models import ClassifierHead, LinearExtractor
+    from lightning_immunize.models import LinearExtractor, LinearHead
     from lightning_immunize.module import ImmunizationModule
 
     gen = torch.Generator().manual_seed(0)
@@ -107,7 +107,7 @@ def test_resume_mid_epoch_with_a_cycled_shorter_side(tmp_path):
     def fit(dirpath: Path, ckpt_path: str | None = None, every: int = 5) -> dict[str, torch.Tensor]:
         pl.seed_everything(0)
         module = ImmunizationModule(
-            LinearExtractor(6, 6, seed=1), ClassifierHead(6, 1, "binary"), method="ours"
+            LinearExtractor(6, 6, seed=1), LinearHead(6, 1, "binary"), method="ours"
         )
         dm = PairedDataModule(pretrain, harmful, batch_size=8, task="binary", num_classes=2)
         trainer = pl.Trainer(

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 
 
@@ -16,7 +16,7 @@ def module_for(width: int, mode: str) -> ImmunizationModule:
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(width, width, seed=0).double(),
-        ClassifierHead(width, 1, "binary").double(),
+        LinearHead(width, 1, "binary").double(),
         ConditionNumberObjective(1.0, 1.0, preconditioner=mode),
     )
     module.manual_backward = lambda loss: loss.backward()

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_immunize.conditioning import feature_r_max, feature_r_min
 from lightning_immunize.datamodules import PairedDataModule
-from lightning_immunize.models import ClassifierHead, LinearExtractor
+from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import (
     ConditionNumberObjective,
     ConditionNumberOptObjective,
@@ -31,7 +31,11 @@ from lightning_immunize.module import (
     Objective,
     ObjectiveOutput,
 )
-from lightning_immunize.preconditioning import input_covariance, preconditioning, ridge_solve
+from lightning_immunize.preconditioning import (
+    input_covariance,
+    preconditioning_enabled,
+    ridge_solve,
+)
 from lightning_immunize.probing import (
     ATTACKERS,
     gd_exact_line_search,
@@ -83,8 +87,8 @@ def opt_with_infinite_kappa() -> tuple[ImmunizationModule, dict]:
     torch.manual_seed(0)
     module = ImmunizationModule(
         extractor,
-        ClassifierHead(d, 1, "binary").double(),
-        ConditionNumberOptObjective(lambda_=1.0),
+        LinearHead(d, 1, "binary").double(),
+        ConditionNumberOptObjective(lambda_pretrain=1.0, lambda_harmful=1.0),
         optimizer=partial(torch.optim.SGD, lr=0.1),
     )
     batch = {
@@ -144,7 +148,7 @@ def test_non_finite_terms_and_gradients_are_refused(what, match):
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(4, 4, seed=0).double(),
-        ClassifierHead(4, 1, "binary").double(),
+        LinearHead(4, 1, "binary").double(),
         _BrokenObjective(what),
     )
     before = snapshot(module)
@@ -185,7 +189,7 @@ def test_rmax_at_its_floor_warns_once(mode, covariance):
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(6, 6, seed=0).double(),
-        ClassifierHead(6, 1, "binary").double(),
+        LinearHead(6, 1, "binary").double(),
         ConditionNumberObjective(1.0, 1.0, preconditioner=mode, covariance=covariance),
         optimizer=partial(torch.optim.SGD, lr=1e-3),
     )
@@ -205,7 +209,7 @@ def test_rmax_on_a_spread_spectrum_does_not_warn():
     torch.manual_seed(0)
     module = ImmunizationModule(
         LinearExtractor(6, 6, seed=0).double(),
-        ClassifierHead(6, 1, "binary").double(),
+        LinearHead(6, 1, "binary").double(),
         ConditionNumberObjective(1.0, 1.0),
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -233,7 +237,7 @@ def ridge_module(extractor: nn.Module, lam_p: float = 0.5, lam_h: float = 2.0, k
     torch.manual_seed(0)
     module = ImmunizationModule(
         extractor.double(),
-        ClassifierHead(k, 1, "binary").double(),
+        LinearHead(k, 1, "binary").double(),
         ConditionNumberObjective(lam_p, lam_h, preconditioner="ridge", ridge=1e-3),
     )
     module.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
@@ -274,7 +278,7 @@ def test_ridge_gradient_is_plain_task_gradient_plus_preconditioned_regularizers(
 
     weight = module.extractor.linear.weight
     module.zero_grad()
-    with preconditioning(module.extractor, enabled=False):
+    with preconditioning_enabled(module.extractor, enabled=False):
         module.task_loss(module.extractor(batch["pretrain"][0]), batch["pretrain"][1]).backward()
     expected = {n: p.grad.clone() for n, p in module.named_parameters()}
     theta = weight.detach().T.clone().requires_grad_(True)
@@ -309,7 +313,7 @@ def test_ridge_gradient_equals_the_two_forward_result_on_a_deep_extractor():
     reference.task_loss(extractor(batch["pretrain"][0]), batch["pretrain"][1]).backward()
     for side, reg, lam in (("pretrain", feature_r_min, 0.5), ("harmful", feature_r_max, 2.0)):
         x = batch[side][0]
-        with preconditioning(extractor, enabled=True):
+        with preconditioning_enabled(extractor, enabled=True):
             z = extractor(x)
         (lam * reg(z / math.sqrt(x.shape[0]))).backward()
     for name, p in reference.named_parameters():

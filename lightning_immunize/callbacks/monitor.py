@@ -14,10 +14,9 @@ import torch
 
 from lightning_immunize.conditioning import feature_condition_number
 from lightning_immunize.metrics import ConditionNumber
+from lightning_immunize.sides import SIDES
 
 __all__ = ["ConditionNumberMonitor"]
-
-SIDES = ("pretrain", "harmful")
 
 
 class ConditionNumberMonitor(pl.Callback):
@@ -26,8 +25,8 @@ class ConditionNumberMonitor(pl.Callback):
     covariance; at each training epoch end log κ of the covariance accumulated over the epoch
     (``monitor/kappa_pretrain``, ``monitor/kappa_harmful``), synchronized across DDP ranks.
 
-    κ by the tolerance rule (SPEC §2); the features are recomputed without gradients after the
-    optimizer step, so they reflect the current extractor.
+    κ by the tolerance rule (``docs/numerical-rank.md``); the features are recomputed without
+    gradients after the optimizer step, so they reflect the current extractor.
 
     Example:
         >>> ConditionNumberMonitor(every_n_steps=10).every_n_steps

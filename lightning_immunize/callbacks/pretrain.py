@@ -1,141 +1,29 @@
-"""θ_0 trained here: the "pre-trained model" of deep immunization when no pre-trained weights
-exist (deep MNIST halves), cached on disk so every method, seed and later run starts from the
-same network.
-
-:class:`PretrainFromScratch` trains the module's extractor *and* head on ``D_P``'s training
-split with AdamW and cross-entropy, epoch by epoch, until the held-out accuracy reaches
-``min_accuracy`` (at least ``epochs``, at most ``max_epochs`` epochs), then saves both state
-dicts. The cache key is a SHA-256 of everything that determines the result: the initial
-weights of extractor and head (so the architecture and its seed), the recipe, and the bytes of
-``D_P``'s training and held-out tensors. A second run with the same key loads the file
-instead of training (``torch.load(weights_only=True)``).
+"""θ_0 trained from scratch and cached, when no pre-trained weights exist (deep MNIST halves):
+a thin adapter over :mod:`lightning_immunize.pretraining` (the recipe, the cache key, the
+atomic cache file), so every method, seed and later run starts from the same network.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_immunize.callbacks.report import fingerprint, named_fingerprint
 from lightning_immunize.distributed import world_size
+from lightning_immunize.pretraining import (
+    default_cache_dir,
+    save_theta0,
+    state_fingerprint,
+    theta0_key,
+    train_classifier,
+)
 
-__all__ = [
-    "PretrainFromScratch",
-    "default_cache_dir",
-    "state_fingerprint",
-    "train_classifier",
-]
-
-
-def default_cache_dir() -> Path:
-    """``$LIGHTNING_IMMUNIZE_CACHE``, else ``$XDG_CACHE_HOME/lightning_immunize``, else
-    ``~/.cache/lightning_immunize``; θ_0 files go to its ``theta0/`` folder."""
-    env = os.environ.get("LIGHTNING_IMMUNIZE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lightning_immunize"
-
-
-def state_fingerprint(*modules: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of the modules' state dicts: names, dtypes, shapes and bytes."""
-    return named_fingerprint(item for m in modules for item in m.state_dict().items())
-
-
-@torch.no_grad()
-def _accuracy(extractor: nn.Module, head: nn.Module, X: Tensor, y: Tensor, batch: int) -> float:
-    device = next(head.parameters()).device
-    correct = 0
-    for i in range(0, X.shape[0], batch):
-        logits = head(extractor(X[i : i + batch].to(device)))
-        correct += int((logits.argmax(dim=1) == y[i : i + batch].to(device)).sum())
-    return correct / max(1, X.shape[0])
-
-
-def train_classifier(
-    extractor: nn.Module,
-    head: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    *,
-    epochs: int = 3,
-    max_epochs: int = 10,
-    min_accuracy: float = 0.97,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    batch_size: int = 128,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Trains ``head(extractor(x))`` on ``(X, y)`` with AdamW and cross-entropy, every
-    parameter trainable and every layer in train mode, whatever their flags were (restored
-    afterwards). Stops after ``epochs`` epochs once the held-out accuracy is
-    ``≥ min_accuracy``, or after ``max_epochs``. Shuffling uses a private generator seeded
-    with ``seed``; the global RNG is untouched.
-
-    Shapes: ``X`` ``(N, C, H, W)`` (any input the extractor takes), ``y`` ``(N,)`` int64.
-
-    Returns:
-        ``{"val_accuracy": [per epoch], "epochs": int, "seconds": float}``.
-    """
-    if not 1 <= epochs <= max_epochs:
-        raise ValueError(f"need 1 <= epochs <= max_epochs, got epochs={epochs}, {max_epochs=}")
-    params = [*extractor.parameters(), *head.parameters()]
-    flags = [p.requires_grad for p in params]
-    modes = {m: m.training for m in (*extractor.modules(), *head.modules())}
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    device = params[0].device
-    history: list[float] = []
-    start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_epochs, desc="θ_0 from scratch", unit="epoch", leave=False)
-    try:
-        for epoch in range(1, max_epochs + 1):
-            for m in modes:
-                m.train()
-            perm = torch.randperm(X.shape[0], generator=gen)
-            for i in range(0, X.shape[0], batch_size):
-                idx = perm[i : i + batch_size]
-                if idx.numel() < 2:  # BatchNorm cannot train on one sample
-                    continue
-                optimizer.zero_grad()
-                logits = head(extractor(X[idx].to(device)))
-                loss = nn.functional.cross_entropy(logits, y[idx].to(device))
-                loss.backward()
-                optimizer.step()
-            for m in modes:
-                m.eval()
-            history.append(_accuracy(extractor, head, X_val, y_val, 4 * batch_size))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"held-out accuracy {history[-1]:.4f}")
-            if epoch >= epochs and history[-1] >= min_accuracy:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
-    return {"val_accuracy": history, "epochs": len(history), "seconds": time.perf_counter() - start}
+__all__ = ["PretrainFromScratch"]
 
 
 class PretrainFromScratch(pl.Callback):
@@ -201,12 +89,7 @@ class PretrainFromScratch(pl.Callback):
         """The key of θ_0 for this module's initial weights, the recipe and ``D_P``."""
         x, y, _, _ = datamodule.full_tensors("train")
         x_val, y_val, _, _ = datamodule.full_tensors("val")
-        parts = {
-            "initial": state_fingerprint(module.extractor, module.head),
-            "recipe": self.recipe,
-            "data": fingerprint(x, y, x_val, y_val),
-        }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        return theta0_key(module.extractor, module.head, self.recipe, (x, y, x_val, y_val))
 
     def apply(self, module: nn.Module, datamodule: Any, trainer: pl.Trainer | None = None) -> dict:
         """Loads or trains θ_0 into ``module.extractor`` and ``module.head``; returns ``info``."""
@@ -271,15 +154,7 @@ class PretrainFromScratch(pl.Callback):
             "seconds": result["seconds"],
             "recipe": self.recipe,
         }
-        state = {
-            "extractor": {k: v.detach().cpu() for k, v in module.extractor.state_dict().items()},
-            "head": {k: v.detach().cpu() for k, v in module.head.state_dict().items()},
-            "info": info,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written θ_0
+        save_theta0(path, module.extractor, module.head, info)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

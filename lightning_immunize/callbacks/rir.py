@@ -1,4 +1,4 @@
-"""Relative immunization ratio during training (SPEC §6), logged with ``self.log``.
+"""Relative immunization ratio during training (Eq. 15, Eq. 17), logged with ``self.log``.
 
 Contract: the LightningModule has an ``extractor`` attribute (inputs → features ``(B, K)``)
 and the datamodule has ``full_tensors(split)``. Works with any such pipeline, not only with
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_immunize.callbacks.report import ReferenceKeeper
+from lightning_immunize.callbacks.reference import ReferenceKeeper
 
 __all__ = ["RIRCallback"]
 

@@ -14,10 +14,18 @@ Loader modes (see :class:`lightning.pytorch.utilities.CombinedLoader`):
   ``batch["harmful"] is None``). Lightning 2.6's evaluation loop accepts every mode but
   ``"sequential"`` keeps the batch-dict shape only for the non-sequential modes, hence
   ``"sequential"`` is refused here for both.
+
+Seeds: a data module's ``seed`` (its training shuffles, and whatever seeded draw a subclass
+makes with it) defaults to ``None``, meaning the global seed: the ``PL_GLOBAL_SEED``
+environment variable that ``seed_everything`` (``--seed_everything`` of the CLI) sets, or 0
+when there is none. It is resolved lazily, at :meth:`PairedDataModule.setup` or the first
+loader or dataset access, and then kept; an explicit ``seed`` always wins (docs/seeds.md).
 """
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,10 +45,20 @@ from torch.utils.data import (
 )
 
 from lightning_immunize.distributed import world_size
+from lightning_immunize.sides import SIDES
 
 from .resumable import ResumableDataLoader, SkippingBatchSampler
 
-__all__ = ["PairedDataModule", "TRAIN_MODES", "EVAL_MODES", "TASKS", "SPLITS", "SIDES"]
+__all__ = [
+    "PairedDataModule",
+    "TRAIN_MODES",
+    "EVAL_MODES",
+    "TASKS",
+    "SPLITS",
+    "SIDES",
+    "GLOBAL_SEED_ENV",
+    "global_seed",
+]
 
 #: CombinedLoader modes accepted for training (Lightning's fit loop refuses ``"sequential"``).
 TRAIN_MODES: tuple[str, ...] = ("max_size_cycle", "min_size", "max_size")
@@ -52,7 +70,26 @@ TASKS: tuple[str, ...] = ("regression", "binary", "multiclass")
 #: Splits understood by :meth:`PairedDataModule.full_tensors`.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Keys of the batch dict, in order.
-SIDES: tuple[str, ...] = ("pretrain", "harmful")
+#: Environment variable in which ``seed_everything`` exports the global seed.
+GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"
+
+
+def global_seed(default: int = 0) -> int:
+    """The global seed set by ``seed_everything`` (env ``PL_GLOBAL_SEED``), else ``default``.
+
+    Raises:
+        ValueError: the variable is set but is not an integer.
+    """
+    value = os.environ.get(GLOBAL_SEED_ENV, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"the environment variable {GLOBAL_SEED_ENV}={value!r} (the global seed of "
+            f"seed_everything) is not an integer"
+        ) from None
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -95,9 +132,11 @@ class PairedDataModule(LightningDataModule):
         test_harmful: test dataset of ``D_H`` (optional).
         num_workers: DataLoader workers per side.
         shuffle: shuffle the training loaders (seeded, reproducible).
-        seed: seed of the training loaders' ``torch.Generator`` (pretrain side uses ``seed``,
-            harmful side ``seed + 1``). Under DDP Lightning swaps in a ``DistributedSampler``
-            (seeded by ``seed_everything``) in place of this shuffle.
+        seed: seed of the training shuffles (pretrain side ``seed``, harmful side
+            ``seed + 1``; under DDP the same seeds go to the data module's own
+            ``DistributedSampler``). Default: the global seed (``seed_everything``, env
+            ``PL_GLOBAL_SEED``), else 0; an explicit value overrides it. Read at
+            :meth:`setup` (or the first loader), see :attr:`resolved_seed`.
         drop_last: drop the last incomplete training batch of each side. A final batch of a
             single sample (which the regularizers cannot use) triggers a warning.
         eval_mode: CombinedLoader mode for validation/test, one of :data:`EVAL_MODES`.
@@ -134,7 +173,7 @@ class PairedDataModule(LightningDataModule):
         test_harmful: Dataset | None = None,
         num_workers: int = 0,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         drop_last: bool = False,
         eval_mode: str = "max_size",
         task: str | None = None,
@@ -156,12 +195,17 @@ class PairedDataModule(LightningDataModule):
             raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise ValueError(f"seed must be an integer or None (the global seed), got {seed!r}")
+            seed = int(seed)
         self.batch_size = batch_size
         self.mode = mode
         self.eval_mode = eval_mode
         self.num_workers = num_workers
         self.shuffle = shuffle
-        self.seed = seed
+        self._seed = seed
+        self._resolved_seed: int | None = None
         self.drop_last = drop_last
         self.pretrain = pretrain
         self.harmful = harmful
@@ -178,6 +222,45 @@ class PairedDataModule(LightningDataModule):
         self._built = False
         self._validate_datasets()  # datasets passed in are checked eagerly
 
+    # ------------------------------------------------------------------ seed
+    @property
+    def seed(self) -> int | None:
+        """The ``seed`` argument as given: an int, or ``None`` for the global seed."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        # Resolved again at the next use; set it before setup() (the datasets are built once).
+        self._seed = value
+        self._resolved_seed = None
+
+    def _current_seed(self) -> int:
+        return self._seed if self._seed is not None else global_seed(0)
+
+    @property
+    def resolved_seed(self) -> int:
+        """The data seed in use: ``seed`` if given, else the global seed (env
+        ``PL_GLOBAL_SEED``, set by ``seed_everything``), else 0.
+
+        Resolved at the first access (:meth:`setup`, the first loader or dataset access),
+        not in ``__init__``, so that a ``seed_everything`` between construction and ``fit``
+        counts; then kept, so datasets and every epoch's loaders agree.
+        """
+        return self._resolve_seed()
+
+    def _resolve_seed(self) -> int:
+        if self._resolved_seed is None:
+            self._resolved_seed = self._current_seed()
+        return self._resolved_seed
+
+    def _seed_for_repr(self) -> int | None:
+        if self._resolved_seed is not None:
+            return self._resolved_seed
+        try:  # the seed that would be used now, without fixing it
+            return self._current_seed()
+        except ValueError:
+            return self._seed
+
     # ------------------------------------------------------------------ building
     def _build(self) -> None:
         """Builds the datasets (subclass hook; the base class receives them ready)."""
@@ -185,6 +268,7 @@ class PairedDataModule(LightningDataModule):
     def _ensure_built(self) -> None:
         if self._built:
             return
+        self._resolve_seed()  # the datasets (seeded draws) are built with it
         self._build()
         self._validate_datasets()
         self._built = True
@@ -196,7 +280,9 @@ class PairedDataModule(LightningDataModule):
             _check_nonempty(h, "harmful", split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds the datasets once (all stages share them)."""
+        """Resolves the data seed (:attr:`resolved_seed`) and builds the datasets once (all
+        stages share them)."""
+        self._resolve_seed()
         self._ensure_built()
 
     # ------------------------------------------------------------------ metadata
@@ -249,12 +335,13 @@ class PairedDataModule(LightningDataModule):
             )
         generator = None
         sampler: Sampler[int]
+        seed = self.resolved_seed + offset
         if world_size() > 1:
             # Our own DistributedSampler: Lightning's would always shuffle training data, which
             # breaks ``shuffle=False`` (and the DDP = single-process test of record).
-            sampler = DistributedSampler(dataset, shuffle=self.shuffle, seed=self.seed + offset)
+            sampler = DistributedSampler(dataset, shuffle=self.shuffle, seed=seed)
         elif self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + offset)
+            generator = torch.Generator().manual_seed(seed)
             sampler = RandomSampler(dataset, generator=generator)
         else:
             sampler = SequentialSampler(dataset)
@@ -401,7 +488,7 @@ class PairedDataModule(LightningDataModule):
             ("batch_size", self.batch_size),
             ("mode", self.mode),
             ("eval_mode", self.eval_mode),
-            ("seed", self.seed),
+            ("seed", self._seed_for_repr()),  # in use, or that would be now (not fixed)
         )
         inner = ", ".join(f"{k}={v!r}" for k, v in fields)
         return f"{type(self).__name__}({inner})"

@@ -1,4 +1,4 @@
-"""Digit-pair data modules (SPEC §8, "Digit pairs").
+"""Digit-pair data modules (the paper's Section 5.1).
 
 For an ordered pair ``(a, b)``, ``a != b``: ``D_P`` holds the images of digit ``a`` (label 0),
 ``D_H`` those of digit ``b`` (label 1), balanced to the smaller count by keeping the first
@@ -138,7 +138,9 @@ class DigitsPairDataModule(PairedDataModule):
         harmful_digit: digit ``b`` (0..9, ``!= a``) forming ``D_H``.
         batch_size: per-side batch size (>= 2).
         val_fraction: seeded fraction of each side held out for validation (0 = none).
-        seed: seed of the validation split and of the training shuffles.
+        seed: seed of the validation split and of the training shuffles. Default: the
+            global seed (``seed_everything``, env ``PL_GLOBAL_SEED``), else 0; so the
+            validation draw follows ``--seed_everything`` unless ``seed`` is set.
         mean: normalization mean (MNIST's 0.1307 by default).
         std: normalization std (MNIST's 0.3081 by default).
         max_samples: optional cap on the per-side count.
@@ -160,7 +162,7 @@ class DigitsPairDataModule(PairedDataModule):
         harmful_digit: int = 1,
         batch_size: int = 64,
         val_fraction: float = 0.0,
-        seed: int = 0,
+        seed: int | None = None,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
         max_samples: int | None = None,
@@ -208,6 +210,6 @@ class DigitsPairDataModule(PairedDataModule):
             mean=self.mean,
             std=self.std,
             val_fraction=self.val_fraction,
-            seed=self.seed,
+            seed=self.resolved_seed,
             max_samples=self.max_samples,
         )

@@ -1,8 +1,8 @@
-"""Kaggle House Prices regression pair (SPEC §8, "House prices").
+"""Kaggle House Prices regression pair (the paper's Section 5.1).
 
 Column decision
 ---------------
-``train.csv`` has 81 columns: ``Id``, 79 explanatory columns and ``SalePrice``. SPEC §8 says
+``train.csv`` has 81 columns: ``Id``, 79 explanatory columns and ``SalePrice``. The protocol says
 "features: all other 79 columns". The default ``columns="per_split"`` reads that as the
 reference code does: each split drops ``Id`` and **its own target**, so ``D_P`` (target
 ``LotArea``) keeps ``SalePrice`` as a feature and ``D_H`` (target ``SalePrice``) keeps
@@ -102,12 +102,14 @@ class HousePricesDataModule(PairedDataModule):
         mode: training CombinedLoader mode.
         num_workers: DataLoader workers.
         shuffle: shuffle training loaders.
-        seed: seed of the training shuffles.
+        seed: seed of the training shuffles. Default: the global seed (``seed_everything``,
+            env ``PL_GLOBAL_SEED``), else 0.
         drop_last: drop the last incomplete training batch.
         dtype: ``"float64"`` (default) or ``"float32"``. Several columns are exact sums of
             others (e.g. ``TotalBsmtSF``); rounded to float32 such a dependency leaves a
-            spurious singular value near 1e-8·σ_max that the SPEC §2 rank rule in float64
-            would count, inflating κ(Σ) to ~1e16. Float64 keeps the dependency exact.
+            spurious singular value near 1e-8·σ_max that the float64 rank rule
+            (``docs/numerical-rank.md``) would count, inflating κ(Σ) to ~1e16. Float64 keeps
+            the dependency exact.
 
     """
 
@@ -126,7 +128,7 @@ class HousePricesDataModule(PairedDataModule):
         mode: str = "max_size_cycle",
         num_workers: int = 0,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         drop_last: bool = False,
         dtype: str = "float64",
         columns: str = "per_split",

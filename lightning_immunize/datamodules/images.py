@@ -1,4 +1,4 @@
-"""Image-folder pairs for deep immunization (SPEC §8, "Deep nets").
+"""Image-folder pairs for deep immunization (the paper's Section 5.2).
 
 Both ``D_P`` (e.g. ImageNet) and ``D_H`` (e.g. Stanford Cars, Country211) are read as
 ImageNet-style class folders with :class:`torchvision.datasets.ImageFolder` and timm's
@@ -97,7 +97,9 @@ class ImagePairDataModule(PairedDataModule):
         mode: training CombinedLoader mode.
         num_workers: DataLoader workers.
         shuffle: shuffle training loaders.
-        seed: seed of the shuffles and of the ``max_samples`` draw.
+        seed: seed of the shuffles and of the ``max_samples`` draw. Default: the global seed
+            (``seed_everything``, env ``PL_GLOBAL_SEED``), else 0; so the ``max_samples``
+            subsets follow ``--seed_everything`` unless ``seed`` is set.
         drop_last: drop the last incomplete training batch.
 
     Attributes:
@@ -118,7 +120,7 @@ class ImagePairDataModule(PairedDataModule):
         mode: str = "max_size_cycle",
         num_workers: int = 0,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         drop_last: bool = False,
     ) -> None:
         super().__init__(
@@ -159,7 +161,7 @@ class ImagePairDataModule(PairedDataModule):
         n = len(dataset)  # type: ignore[arg-type]
         if self.max_samples is None or self.max_samples >= n:
             return dataset
-        generator = torch.Generator().manual_seed(self.seed + offset)
+        generator = torch.Generator().manual_seed(self.resolved_seed + offset)
         idx = torch.sort(torch.randperm(n, generator=generator)[: self.max_samples]).values
         return Subset(dataset, idx.tolist())
 

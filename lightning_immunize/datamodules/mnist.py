@@ -1,4 +1,4 @@
-"""MNIST digit pairs read from torchvision's raw IDX layout (SPEC §8, ``D = 784``).
+"""MNIST digit pairs read from torchvision's raw IDX layout (the paper's Section 5.1, ``D = 784``).
 
 The files are read with a small IDX parser (gzip + numpy) rather than
 ``torchvision.datasets.MNIST``, which refuses to load when the training files are absent;
@@ -165,7 +165,9 @@ class MNISTPairDataModule(DigitsPairDataModule):
             ``"train"`` or ``"all"``.
         batch_size: per-side batch size (>= 2).
         val_fraction: seeded fraction of each side held out for validation (0 = none).
-        seed: seed of the validation split and of the training shuffles.
+        seed: seed of the validation split and of the training shuffles. Default: the
+            global seed (``seed_everything``, env ``PL_GLOBAL_SEED``), else 0; so the
+            validation draw follows ``--seed_everything`` unless ``seed`` is set.
         mean: normalization mean.
         std: normalization std.
         max_samples: optional cap on the per-side count.
@@ -183,7 +185,7 @@ class MNISTPairDataModule(DigitsPairDataModule):
         split: str = "test",
         batch_size: int = 64,
         val_fraction: float = 0.0,
-        seed: int = 0,
+        seed: int | None = None,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
         max_samples: int | None = None,
@@ -243,11 +245,13 @@ class MNISTHalvesDataModule(PairedDataModule):
         harmful_digits: the digits of ``D_H`` (disjoint from ``pretrain_digits``).
         split: which MNIST files: ``"test"`` (the shipped 10,000 images), ``"train"``, ``"all"``.
         holdout_fraction: fraction of each side held out, in (0, 1).
-        split_seed: seed of the train/held-out draw.
+        split_seed: seed of the train/held-out draw; fixed (0), independent of ``seed`` and
+            of the global seed, so every run is measured on the same held-out images.
         max_samples: optional cap on each side's count before the split (short runs, CI).
         batch_size, seed, mode, num_workers, shuffle, drop_last: see
             :class:`~lightning_immunize.datamodules.PairedDataModule` (``seed`` seeds the
-            training shuffles only).
+            training shuffles only. Default: the global seed (``seed_everything``, env
+            ``PL_GLOBAL_SEED``), else 0).
         mean, std: normalization.
 
     Example:
@@ -267,7 +271,7 @@ class MNISTHalvesDataModule(PairedDataModule):
         split_seed: int = 0,
         max_samples: int | None = None,
         batch_size: int = 64,
-        seed: int = 0,
+        seed: int | None = None,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
         mode: str = "max_size_cycle",

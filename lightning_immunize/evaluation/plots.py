@@ -1,19 +1,33 @@
-"""Figures: norm-ratio curves of the probing attackers (SPEC §6, the paper's Fig. 1).
+"""Every figure: norm-ratio curves of the probing attackers (Eq. 16, the paper's Fig. 1),
+probe accuracy per epoch (Fig. 3) and the RIR heat-maps of the digit pairs (Fig. 2).
 
-matplotlib is imported lazily with the non-interactive Agg backend, so plotting works on a
-machine without a display and costs nothing until a figure is drawn.
+matplotlib is imported lazily with the non-interactive Agg backend (one set-up,
+:func:`_pyplot`), so plotting works on a machine without a display and costs nothing until a
+figure is drawn; every figure is written by :func:`_save`.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lightning_immunize.callbacks.probing import ProbingStudy
+from lightning_immunize.evaluation.tables import method_order
+from lightning_immunize.sides import DISPLAY_SIDES
 
-__all__ = ["plot_norm_ratio", "plot_attackers", "plot_probe_accuracy"]
+if TYPE_CHECKING:
+    from lightning_immunize.evaluation.study import ProbingStudy
+
+__all__ = [
+    "RIR_SCALE",
+    "plot_attackers",
+    "plot_heatmap",
+    "plot_method_curves",
+    "plot_norm_ratio",
+    "plot_probe_accuracy",
+]
 
 SIDE_TITLES = {"harmful": "harmful task D_H", "pretrain": "pre-training task D_P"}
 ATTACKER_TITLES = {
@@ -59,7 +73,7 @@ def plot_norm_ratio(
     immunized extractor. Returns the PNG's path."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, side in zip(axes, ("harmful", "pretrain"), strict=True):
+    for ax, side in zip(axes, DISPLAY_SIDES, strict=True):
         _panel(
             ax,
             study,
@@ -80,7 +94,7 @@ def plot_attackers(
     names = list(attackers or study.attackers)
     fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), squeeze=False)
     for row, name in zip(axes, names, strict=True):
-        for ax, side in zip(row, ("harmful", "pretrain"), strict=True):
+        for ax, side in zip(row, DISPLAY_SIDES, strict=True):
             _panel(
                 ax, study, side, name, f"{ATTACKER_TITLES.get(name, name)} — {SIDE_TITLES[side]}"
             )
@@ -150,7 +164,88 @@ def plot_probe_accuracy(
             ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Linear probe on frozen features: immunized should be slower on D_H only")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
+
+
+#: Colour range of the RIR heat-maps (log scale, symmetric around 1).
+RIR_SCALE = (1e-3, 1e3)
+
+
+def plot_heatmap(rows: list[dict[str, str]], method: str, path: Path) -> Path | None:
+    """10×10 map of RIR (log colour scale; immunized pairs marked ✓, others ✗), averaged over
+    seeds. Rows: D_P digit, columns: D_H digit."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+
+    sel = [r for r in rows if r["method"] == method and r["pretrain"] != ""]
+    if not sel:
+        return None
+    rir = np.full((10, 10), np.nan)
+    ok = np.zeros((10, 10), dtype=bool)
+    cells: dict[tuple[int, int], list[dict[str, str]]] = {}
+    for r in sel:
+        cells.setdefault((int(r["pretrain"]), int(r["harmful"])), []).append(r)
+    for (a, b), rs in cells.items():
+        rir[a, b] = math.exp(statistics.fmean(math.log(max(float(r["rir"]), 1e-300)) for r in rs))
+        ok[a, b] = all(r["immunized"] == "True" for r in rs)
+    # One symmetric log scale for every method: RIR = 1 sits in the middle (yellow), immunizing
+    # pairs are green, pairs made worse red, so maps of different methods compare at a glance.
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    image = ax.imshow(rir, norm=LogNorm(vmin=RIR_SCALE[0], vmax=RIR_SCALE[1]), cmap="RdYlGn")
+    for a, b in cells:
+        ax.text(
+            b,
+            a,
+            "✓" if ok[a, b] else "✗",
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="black" if ok[a, b] else "darkred",
+        )
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("harmful digit (D_H)")
+    ax.set_ylabel("pre-training digit (D_P)")
+    ax.set_title(f"{method}: RIR per pair — {int(ok.sum())}/{len(cells)} immunized (✓)")
+    fig.colorbar(image, ax=ax, label="RIR (log scale, clipped to [1e-3, 1e3]; > 1 is good)")
+    fig.tight_layout()
+    return _save(fig, path, 110)
+
+
+def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) -> Path | None:
+    """Fig. 1: exact-line-search norm-ratio curves on D_H and D_P, every method and the
+    identity (first seed found unless ``seed`` is given)."""
+    import torch
+
+    plt = _pyplot()
+
+    files = sorted(curves_dir.glob("*_seed*.pt"))
+    if seed is not None:
+        files = [f for f in files if f.stem.endswith(f"_seed{seed}")]
+    by_method: dict[str, Path] = {}
+    for f in files:
+        by_method.setdefault(f.stem.rsplit("_seed", 1)[0], f)
+    if not by_method:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, side, title in zip(
+        axes, DISPLAY_SIDES, ("D_H (harmful)", "D_P (pre-training)"), strict=True
+    ):
+        reference = None
+        for method in method_order(by_method):
+            curves = torch.load(by_method[method], weights_only=True)
+            reference = curves[f"{side}_reference"]
+            if method != "identity":
+                ax.semilogy(curves[f"{side}_immunized"].clamp_min(1e-16).numpy(), label=method)
+        if reference is not None:
+            ax.semilogy(reference.clamp_min(1e-16).numpy(), "k--", label="identity")
+        ax.set_title(f"{title}: GD with exact line search")
+        ax.set_xlabel("probing step t")
+        ax.set_ylabel("‖w_t − w*‖ / ‖w_0 − w*‖")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Immunized: slower on D_H (higher curves), not slower on D_P")
+    fig.tight_layout()
+    return _save(fig, path, 110)

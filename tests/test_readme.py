@@ -1,0 +1,30 @@
+"""The README's pipeline example runs as written, importing from the top-level package."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _pipeline_example() -> str:
+    text = README.read_text()
+    section = text[text.index("## Use it in your own pipeline") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the README's pipeline section has no python block"
+    return match.group(1)
+
+
+@pytest.mark.slow
+def test_readme_pipeline_example_runs(tmp_path, monkeypatch):
+    code = _pipeline_example()
+    assert "from lightning_immunize import (" in code
+    monkeypatch.chdir(tmp_path)  # the example writes lightning_logs/ into the working folder
+    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+    (report,) = tmp_path.glob("lightning_logs/version_*/immunization.json")
+    figures = json.loads(report.read_text())
+    assert {"rir", "ratio_harmful", "ratio_pretrain", "immunized"} <= set(figures)
