@@ -52,6 +52,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_immunize.validation import check_finite
+
 __all__ = [
     "condition_number",
     "data_rank",
@@ -76,12 +78,6 @@ _KINDS = ("r_min", "r_max")
 # --------------------------------------------------------------------------- validation
 
 
-def _check_finite(t: Tensor, name: str) -> None:
-    if not torch.isfinite(t).all():
-        bad = t[~torch.isfinite(t)].flatten()[0].item()
-        raise ValueError(f"{name} of shape {tuple(t.shape)} contains a non-finite value ({bad}).")
-
-
 def _check_square(S: Tensor) -> Tensor:
     if not isinstance(S, Tensor):
         raise TypeError(f"S must be a torch.Tensor, got {type(S).__name__}.")
@@ -89,7 +85,7 @@ def _check_square(S: Tensor) -> Tensor:
         raise ValueError(f"S must be a square matrix (..., K, K), got shape {tuple(S.shape)}.")
     if S.shape[-1] == 0:
         raise ValueError(f"S must be non-empty, got shape {tuple(S.shape)}.")
-    _check_finite(S, "S")
+    check_finite(S, "S")
     S64 = S.to(DTYPE)
     scale = S64.abs().amax(dim=(-2, -1))
     if (scale == 0).any():
@@ -115,7 +111,7 @@ def _check_features(Z: Tensor) -> Tensor:
         )
     if Z.shape[-1] == 0 or Z.shape[-2] == 0:
         raise ValueError(f"Z must be non-empty, got shape {tuple(Z.shape)}.")
-    _check_finite(Z, "Z")
+    check_finite(Z, "Z")
     Z64 = Z.to(DTYPE)
     if (Z64.abs().amax(dim=(-2, -1)) == 0).any():
         raise ValueError(
@@ -256,7 +252,7 @@ def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     if not isinstance(X, Tensor) or X.ndim != 2 or X.numel() == 0:
         shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"X must be a non-empty data matrix of shape (N, D), got {shape}.")
-    _check_finite(X, "X")
+    check_finite(X, "X")
     X64 = X.detach().to(DTYPE)
     if bias:
         X64 = torch.cat([X64, torch.ones_like(X64[:, :1])], dim=1)

@@ -34,6 +34,7 @@ from lightning_immunize.objectives import (
     make_objective,
 )
 from lightning_immunize.sides import SIDES
+from lightning_immunize.validation import check_finite
 
 # The objectives are re-exported here: configs written before they moved name
 # ``lightning_immunize.module.ConditionNumberObjective`` and keep working.
@@ -193,12 +194,8 @@ class ImmunizationModule(pl.LightningModule):
         return self._trainer.global_step if self._trainer is not None else "?"
 
     def _check_finite(self, t: Tensor, side: str, what: str) -> None:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(
-                f"non-finite {what} (NaN or inf in {bad} of {t.numel()} entries) in the "
-                f"{side} dataset's batch at training step {self._step_label()}."
-            )
+        where = f" in the {side} dataset's batch at training step {self._step_label()}"
+        check_finite(t, what, where)
 
     def _check_step(self, out: ObjectiveOutput) -> None:
         """Refuse, before ``optimizer.step()`` so the parameters stay as they were, a step

@@ -60,6 +60,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_immunize.validation import check_finite
+
 __all__ = [
     "ATTACKERS",
     "ProbeTrajectory",
@@ -137,11 +139,9 @@ def _check_problem(Z: Tensor, y: Tensor, w0: Tensor | None = None) -> tuple[Tens
         raise ValueError(f"Z must be non-empty, got shape {tuple(Z.shape)}")
     Z = Z.detach().to(F64)
     y = y.detach().to(device=Z.device, dtype=F64)
-    if not torch.isfinite(Z).all():
-        raise ValueError("Z contains NaN or infinite values")
+    check_finite(Z, "Z")
     _check_not_all_zero(Z, "Z")
-    if not torch.isfinite(y).all():
-        raise ValueError("y contains NaN or infinite values")
+    check_finite(y, "y")
     w_shape = (Z.shape[1],) + tuple(y.shape[1:])
     if w0 is None:
         w0 = torch.zeros(w_shape, dtype=F64, device=Z.device)
@@ -149,8 +149,7 @@ def _check_problem(Z: Tensor, y: Tensor, w0: Tensor | None = None) -> tuple[Tens
         if tuple(w0.shape) != w_shape:
             raise ValueError(f"w0 must have shape {w_shape}, got {tuple(w0.shape)}")
         w0 = w0.detach().to(device=Z.device, dtype=F64).clone()
-        if not torch.isfinite(w0).all():
-            raise ValueError("w0 contains NaN or infinite values")
+        check_finite(w0, "w0")
     return Z, y, w0
 
 
@@ -415,8 +414,7 @@ def _check_labels(Z: Tensor, labels: Tensor, num_classes: int, what: str) -> Ten
     if not isinstance(Z, Tensor) or Z.dim() != 2:
         shape = tuple(Z.shape) if isinstance(Z, Tensor) else type(Z).__name__
         raise ValueError(f"Z_{what} must be a 2-D tensor (N, K), got shape {shape}")
-    if not torch.isfinite(Z).all():
-        raise ValueError(f"Z_{what} contains NaN or infinite values")
+    check_finite(Z, f"Z_{what}")
     if Z.numel():
         _check_not_all_zero(Z, f"Z_{what}")
     if labels.dim() != 1 or labels.shape[0] != Z.shape[0]:

@@ -212,8 +212,8 @@ def test_all_equal_spectrum_is_finite():
     [
         (torch.ones(3, 4), r"square.*\(3, 4\)"),
         (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), "symmetric"),
-        (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), "non-finite value \\(nan\\)"),
-        (torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), "non-finite value \\(inf\\)"),
+        (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), "non-finite S .*first nan"),
+        (torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), "non-finite S .*first inf"),
         (torch.zeros(3, 3), "all zero"),
     ],
 )

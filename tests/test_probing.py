@@ -294,7 +294,7 @@ yg = torch.randn(10, dtype=F64)
         (lambda: run_attackers(Zg, yg, names=["sgd"]), r"unknown attacker.*'sgd'.*valid names"),
         (
             lambda: closed_form_probe(Zg.clone().index_fill_(0, torch.tensor([0]), math.nan), yg),
-            r"Z contains NaN",
+            r"non-finite Z \(NaN or inf",
         ),
         (lambda: gd_exact_line_search(Zg, yg, w0=torch.zeros(4)), r"w0 must have shape \(3,\)"),
         (lambda: gd_fixed_step(Zg, yg, lr=-1.0), r"lr must be a finite value > 0"),
