@@ -9,19 +9,58 @@ restores a trained run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.export import load_checkpoint
 from lightning_immunize.module import ImmunizationModule
 
-__all__ = ["ImmunizationCLI", "instantiate", "load_trained"]
+__all__ = ["ImmunizationCLI", "instantiate", "known_noise_filtered", "load_trained"]
+
+#: Lightning warnings that say nothing about a lightning-immunize run: the CSV logger is our
+#: choice (no TensorBoard needed), a run without a validation split has an empty loader list,
+#: and a torch/Lightning version pairing deprecates an internal pytree API.
+KNOWN_IRRELEVANT_WARNINGS = (
+    r".*`tensorboardX` has been removed as a dependency.*",
+    r".*Total length of .* across ranks is zero.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith("💡 Tip")
+
+
+@contextmanager
+def known_noise_filtered() -> Iterator[None]:
+    """For the block only: drop the warnings of :data:`KNOWN_IRRELEVANT_WARNINGS` and
+    Lightning's advertising tips; every other warning still shows."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips = _DropTips()
+    with warnings.catch_warnings():
+        for pattern in KNOWN_IRRELEVANT_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        logger.addFilter(tips)
+        try:
+            yield
+        finally:
+            logger.removeFilter(tips)
 
 
 class ImmunizationCLI(LightningCLI):
@@ -39,14 +78,63 @@ class ImmunizationCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        if not any(isinstance(cb, ImmunizationReport) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(ImmunizationReport())
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(cb, ImmunizationReport) for cb in callbacks):
+            callbacks.append(ImmunizationReport())
+        checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+        if checkpointing and not any(isinstance(cb, LastCheckpoint) for cb in callbacks):
+            callbacks.append(LastCheckpoint())
+        if self.config[self.subcommand].get("ckpt_path") == "last":
+            _resume_in_last_run(self.trainer)
+
+
+def _resume_in_last_run(trainer: pl.Trainer) -> None:
+    """``--ckpt_path last``: continue in the newest run folder that holds ``last.ckpt`` instead of
+    opening a new ``version_N`` (where Lightning would find no checkpoint and start over)."""
+    logger = trainer.logger
+    if logger is None or not hasattr(logger, "_version") or logger.save_dir is None:
+        return
+    root = Path(logger.save_dir) / str(logger.name)
+    runs = [
+        d
+        for d in root.glob("version_*")
+        if (d / "checkpoints" / "last.ckpt").is_file() and d.name[8:].isdigit()
+    ]
+    if not runs:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt, so there is "
+            "nothing to resume; run without --ckpt_path to start a new run."
+        )
+    newest = max(runs, key=lambda d: int(d.name[8:]))
+    logger._version = int(newest.name[8:])
+    rank_zero_info(f"resuming in {newest} from {newest / 'checkpoints' / 'last.ckpt'}")
 
 
 def instantiate(args: Sequence[str]) -> ImmunizationCLI:
     """An :class:`ImmunizationCLI` (not run) holding the module, data module and trainer that
     ``args`` (config files and overrides, as on the command line) describe."""
-    return ImmunizationCLI(args, run=False, save_config_callback=None)
+    with known_noise_filtered(), warnings.catch_warnings():
+        # ``args`` is given on purpose: the process's own argv belongs to its caller.
+        warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter.*")
+        return ImmunizationCLI(args, run=False, save_config_callback=None)
+
+
+#: Top-level keys of a run's saved ``config.yaml`` that build the objects; the others
+#: (``ckpt_path``, ``weights_only``, …) are arguments of the ``fit`` call itself.
+CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler")
+
+
+def _buildable_config(config: str | Path, folder: Path) -> Path:
+    """``config`` as given, or — for a run's saved ``config.yaml`` — a copy in ``folder``
+    without the keys of the ``fit`` call, which a parser that does not fit refuses."""
+    text = Path(config).read_text()
+    data = yaml.safe_load(text) or {}
+    extra = [k for k in data if k not in CONFIG_SECTIONS]
+    if not extra:
+        return Path(config)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if k in CONFIG_SECTIONS}))
+    return path
 
 
 def load_trained(
@@ -58,7 +146,9 @@ def load_trained(
     its checkpoint path), used as the reference of a non-linear extractor. The module takes the
     checkpoint's dtype (float64 for the linear configs) before its weights are loaded.
     """
-    cli = instantiate(["--config", str(config), "--trainer.logger", "false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        buildable = _buildable_config(config, Path(tmp))
+        cli = instantiate(["--config", str(buildable), "--trainer.logger", "false"])
     module, datamodule = cli.model, cli.datamodule
     reference = copy.deepcopy(module.extractor).eval()
     state = load_checkpoint(ckpt)["state_dict"]

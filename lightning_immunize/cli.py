@@ -11,6 +11,7 @@ Heavy imports (torch, Lightning, timm) happen only once a subcommand needs them.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,36 +20,45 @@ DESCRIPTION = "Model immunization from a condition-number perspective (ICML 2025
 
 
 def _lightning_cli(argv: Sequence[str] | None) -> int:
-    from lightning_immunize.build import ImmunizationCLI
+    from lightning_immunize.build import ImmunizationCLI, known_noise_filtered
 
-    ImmunizationCLI(
-        argv,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
-    )
+    with known_noise_filtered():
+        ImmunizationCLI(
+            argv,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+        )
     return 0
 
 
 def _export(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-immunize export",
-        description="Write the immunized extractor's weights (safetensors) with metadata.",
+        description="Write a run's immunized extractor (safetensors) with its method, λs and "
+        "RIR figures in the header.",
     )
     parser.add_argument(
-        "--ckpt", required=True, help="Lightning checkpoint of an ImmunizationModule"
+        "run", nargs="?", help="the run folder (lightning_logs/version_N): its last checkpoint"
     )
+    parser.add_argument("--ckpt", help="a checkpoint instead of a run folder")
     parser.add_argument("--out", required=True, help="output file, ending in .safetensors")
     parser.add_argument(
         "--report",
         default=None,
-        help="immunization.json to take the RIR figures from (default: the one of the "
-        "checkpoint's run directory, if any)",
+        help="immunization.json to take the RIR figures from (default: the run's own)",
     )
     args = parser.parse_args(list(argv))
+    if (args.run is None) == (args.ckpt is None):
+        parser.error("give a run folder or --ckpt (one of the two)")
 
     from lightning_immunize.export import export_checkpoint
+    from lightning_immunize.run_folder import resolve_run
 
-    out, metadata = export_checkpoint(args.ckpt, args.out, args.report)
+    ckpt, report = args.ckpt, args.report
+    if args.run is not None:
+        run = resolve_run(args.run)
+        ckpt, report = run.checkpoint, report or run.report
+    out, metadata = export_checkpoint(ckpt, args.out, report)
     print(f"wrote {out} ({', '.join(f'{k}={v}' for k, v in metadata.items())})")
     return 0
 
@@ -56,11 +66,16 @@ def _export(argv: Sequence[str]) -> int:
 def _evaluate(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-immunize evaluate",
-        description="Ratios, probing-attacker table and norm-ratio figures for a checkpoint "
+        description="Ratios, probing-attacker table and norm-ratio figures of a run "
         "(report.md beside the PNGs).",
     )
-    parser.add_argument("--config", required=True, help="the YAML config the run was trained with")
-    parser.add_argument("--ckpt", required=True, help="the trained checkpoint")
+    parser.add_argument(
+        "run",
+        nargs="?",
+        help="the run folder (lightning_logs/version_N): its saved config and last checkpoint",
+    )
+    parser.add_argument("--config", help="a YAML config instead of the run's own")
+    parser.add_argument("--ckpt", help="a checkpoint instead of the run's last one")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/evaluation)")
     parser.add_argument("--steps", type=int, default=200, help="attacker steps T (default 200)")
     parser.add_argument("--tol", type=float, default=1e-3, help="norm-ratio tolerance")
@@ -68,19 +83,33 @@ def _evaluate(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--attackers", default=None, help="comma-separated attacker names (default: all)"
     )
+    parser.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="measure on data whose fingerprint differs from the run's training data",
+    )
     args = parser.parse_args(list(argv))
-    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluation"
+    if args.run is None and not (args.config and args.ckpt):
+        parser.error("give a run folder, or both --config and --ckpt")
 
     from lightning_immunize.experiments import evaluate_checkpoint
+    from lightning_immunize.run_folder import resolve_run
 
+    config, ckpt, report = args.config, args.ckpt, None
+    if args.run is not None:
+        run = resolve_run(args.run)
+        config, ckpt, report = config or run.config, ckpt or run.checkpoint, run.report
+    out = Path(args.out) if args.out else Path(ckpt).resolve().parent.parent / "evaluation"
     report_md = evaluate_checkpoint(
-        args.config,
-        args.ckpt,
+        config,
+        ckpt,
         out,
         steps=args.steps,
         tol=args.tol,
         split=args.split,
         attackers=args.attackers.split(",") if args.attackers else None,
+        run_report=report,
+        allow_data_mismatch=args.allow_data_mismatch,
     )
     print(f"wrote {report_md}")
     return 0
@@ -125,6 +154,7 @@ def _reproduce(argv: Sequence[str]) -> int:
         pairs=pairs,
         spec_path=args.spec or DEFAULT_SPEC,
         progress=not args.no_progress,
+        command=shlex.join(["lightning-immunize", "reproduce", *argv]),
     )
     print(table.read_text())
     return 0
@@ -137,23 +167,58 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+USAGE = f"""usage: lightning-immunize {{fit,validate,test,evaluate,export,reproduce}} ... [--debug]
+
+{DESCRIPTION}
+
+  fit                train (immunize) a model from a YAML config: --config configs/<name>.yaml
+  validate, test     LightningCLI's own subcommands on the same configs
+  evaluate           ratios, probing attackers and figures of a run folder (or --config --ckpt)
+  export             write a run's immunized extractor as .safetensors, with its figures
+  reproduce          the paper's protocols for several methods and seeds (resumable)
+
+`lightning-immunize SUBCOMMAND --help` lists a subcommand's options. --debug shows the full
+traceback of an error instead of one line."""
+
+#: Errors shown as one line (exit status 2) on the command line; ``--debug`` keeps tracebacks.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def _error_line(error: BaseException) -> str:
+    """Our own message from an error, also when jsonargparse wrapped it in a Union error."""
+    text = str(error)
+    if "Errors:" in text:  # jsonargparse: "Errors:\n  - <ours>\n  - Expected a <class ...>"
+        lines = text.split("Errors:", 1)[1].splitlines()
+        ours = [ln.strip()[2:] for ln in lines if ln.strip().startswith("- ")]
+        ours = [m for m in ours if not m.startswith("Expected a <class")]
+        if ours:
+            return "; ".join(ours)
+    return f"{type(error).__name__}: {text}" if not text.endswith(".") else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. In-process callers (``argv`` given) get exceptions as they are; on
+    the command line a user error is one line on stderr and exit status 2."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    if not argv:
-        print(
-            "usage: lightning-immunize {fit,validate,test,evaluate,export,reproduce} ...\n\n"
-            f"{DESCRIPTION}\n\n"
-            "  fit|validate|test  LightningCLI subcommands (--config configs/<name>.yaml)\n"
-            "  evaluate           ratios, probing attackers and figures for a checkpoint\n"
-            "  export             write the immunized extractor as .safetensors\n"
-            "  reproduce          the paper's protocols for several methods and seeds\n\n"
-            "Run `lightning-immunize fit --help` for every option."
-        )
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
         return 0
-    return _lightning_cli(None if from_command_line else argv)
+    try:
+        if argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        if from_command_line:
+            sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; --debug is ours
+            return _lightning_cli(None)
+        return _lightning_cli(argv)
+    except USER_ERRORS as error:
+        if debug or not from_command_line:
+            raise
+        print(f"lightning-immunize: error: {_error_line(error)}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

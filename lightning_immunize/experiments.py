@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shlex
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -272,6 +273,8 @@ def _save_curves(module: Any, datamodule: Any, run: Run, curves_dir: Path) -> No
 def _quiet() -> Iterator[None]:
     """Lightning's per-run warnings and banners off for the block only (a sweep starts
     hundreds of trainers); the caller's warning filters and log levels come back after."""
+    import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import: import first
+
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
@@ -293,8 +296,13 @@ def run_sweep(
     pairs: Sequence[tuple[int, int]] | None = None,
     spec_path: str | Path = DEFAULT_SPEC,
     progress: bool = True,
+    command: str | None = None,
 ) -> Path:
-    """Run (or resume) a sweep and write its summary; returns ``<out>/table.md``."""
+    """Run (or resume) a sweep and write its summary; returns ``<out>/table.md``.
+
+    ``command`` is the command line that ran it, written into ``table.md`` as the way to
+    regenerate it (default: the ``lightning-immunize reproduce`` line of these arguments).
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}.")
     spec = load_protocols(spec_path)[protocol]
@@ -315,7 +323,30 @@ def run_sweep(
             row = {**report, "method": run.method, "seed": run.seed}
             row["pretrain"], row["harmful"] = _cell(run.pretrain), _cell(run.harmful)
             _append_row(runs_csv, row)
-    return write_summary(protocol, out, spec.get("command"))
+    if command is None:
+        command = sweep_command(protocol, out, methods, seeds, pairs, spec_path)
+    return write_summary(protocol, out, command)
+
+
+def sweep_command(
+    protocol: str,
+    out: str | Path,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    spec_path: str | Path = DEFAULT_SPEC,
+) -> str:
+    """The ``lightning-immunize reproduce`` command line that runs this sweep."""
+    words = ["lightning-immunize", "reproduce", protocol, "--out", str(out)]
+    if methods:
+        words += ["--methods", ",".join(methods)]
+    if seeds:
+        words += ["--seeds", ",".join(map(str, seeds))]
+    if pairs:
+        words += ["--pairs", ",".join(f"{a}-{b}" for a, b in pairs)]
+    if Path(spec_path).resolve() != DEFAULT_SPEC.resolve():
+        words += ["--spec", str(spec_path)]
+    return shlex.join(words)
 
 
 def _progress(todo: list[Run], enabled: bool, protocol: str, done: int) -> Iterator[Run]:
@@ -401,16 +432,26 @@ def evaluate_checkpoint(
     tol: float = 1e-3,
     split: str = "train",
     attackers: Sequence[str] | None = None,
+    run_report: str | Path | None = None,
+    allow_data_mismatch: bool = False,
 ) -> Path:
-    """Write ``report.md``, ``ratios.json``, ``curves.csv`` and PNG figures into ``out``."""
+    """Write ``report.md``, ``ratios.json``, ``curves.csv`` and PNG figures into ``out``.
+
+    ``run_report`` is the run's ``immunization.json`` (default: the one beside ``ckpt``'s
+    ``checkpoints/`` folder, if any): data whose fingerprint differs from the one it records
+    are refused before any work, unless ``allow_data_mismatch``.
+    """
     from lightning_immunize.build import load_trained
     from lightning_immunize.evaluation.plots import plot_attackers, plot_norm_ratio
-    from lightning_immunize.evaluation.report import immunization_report
+    from lightning_immunize.evaluation.report import check_data_fingerprint, immunization_report
     from lightning_immunize.evaluation.study import probing_study
     from lightning_immunize.evaluation.tables import evaluation_markdown
     from lightning_immunize.models import LinearExtractor
 
     module, datamodule, theta_0 = load_trained(config, ckpt)
+    report_path = Path(run_report) if run_report else Path(ckpt).parent.parent / "immunization.json"
+    recorded = json.loads(report_path.read_text()) if report_path.is_file() else None
+    check_data_fingerprint(datamodule, recorded, allow_data_mismatch)
     linear = isinstance(module.extractor, LinearExtractor)
     reference = None if linear else theta_0
     report = immunization_report(module, datamodule, split, reference_extractor=reference)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_immunize.models import evaluating
+from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone, evaluating
 from lightning_immunize.objectives import (
     OBJECTIVES,
     ConditionNumberObjective,
@@ -60,6 +60,19 @@ SchedulerFactory = Callable[
 ]
 
 
+class ModuleLike(Protocol):
+    """Any ``torch.nn.Module`` (anything with ``parameters()``), in the type hints of
+    ``extractor`` and ``head`` next to our own classes.
+
+    A type hint only: the CLI (jsonargparse) accepts for it any class that implements it,
+    so a config may name any ``nn.Module`` (a torchvision model, one's own CNN), while
+    ``fit --help`` lists the known subclasses of our classes only, not every ``nn.Module``
+    subclass that happens to be imported (~1,350 lines).
+    """
+
+    def parameters(self, recurse=True): ...
+
+
 @contextmanager
 def _frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """BatchNorm layers in train mode normalise with batch statistics as usual, but their
@@ -87,21 +100,36 @@ class ImmunizationModule(pl.LightningModule):
     """Immunize ``extractor`` (with classifier ``head``) by Algorithm 1, manual optimization.
 
     Args:
-        extractor: feature extractor ``f_θ``: inputs (B, ...) → features (B, K).
-        head: classifier ``g_ω`` with ``loss(output, target)`` and ``metric(output, target)``
-            (a :class:`~lightning_immunize.models.LinearHead`); ``None`` takes the
+        extractor: feature extractor ``f_θ``: inputs (B, ...) → features (B, K); a
+            ``LinearExtractor``, a ``TimmBackbone`` (any timm model) or any other
+            ``torch.nn.Module`` (e.g. a torchvision model or one's own CNN, by class path).
+        head: classifier ``g_ω``, an ``nn.Module`` with ``loss(output, target)``,
+            ``metric(output, target)`` and ``metric_name`` (a
+            :class:`~lightning_immunize.models.LinearHead`); ``None`` takes the
             extractor's own classifier (``extractor.make_head()``, e.g. a timm model's fc).
         objective: an :class:`Objective` (default: ours with λ_P = λ_H = 1).
         optimizer: a factory ``params → Optimizer`` (default ``torch.optim.Adam(lr=1e-3)``);
             it receives two parameter groups, extractor and head.
-        extractor_lr / head_lr / extractor_weight_decay / head_weight_decay: per-group
-            overrides (``None`` keeps the optimizer's own value).
+        extractor_lr: learning rate of the extractor's parameter group (``None`` keeps the
+            optimizer's own ``lr``).
+        head_lr: learning rate of the head's parameter group (``None`` keeps the optimizer's
+            own ``lr``).
+        extractor_weight_decay: weight decay of the extractor's parameter group (``None``
+            keeps the optimizer's own ``weight_decay``).
+        head_weight_decay: weight decay of the head's parameter group (``None`` keeps the
+            optimizer's own ``weight_decay``).
         scheduler: a factory ``optimizer → LR scheduler`` stepped every ``scheduler_interval``
-            (``"step"`` or ``"epoch"``).
+            (``None``: constant learning rate). A ``ReduceLROnPlateau`` watches
+            ``val/task_loss``, else ``train/task_loss``.
+        scheduler_interval: when the scheduler steps: ``"epoch"`` (after every training
+            epoch) or ``"step"`` (after every optimizer step).
         gradient_clip_val: clip the global gradient norm to this value (``None``: no clip).
         label_smoothing: passed to the head's loss.
-        method / method_args: shortcut for ``objective``: the name of an objective in
-            :data:`OBJECTIVES` (``ours``, ``rmax_only``, ``opt``, ``imma``) and its arguments.
+        method: shortcut for ``objective``: the name of an objective in :data:`OBJECTIVES`
+            (``ours``, ``rmax_only``, ``opt``, ``imma``); give ``method`` or ``objective``,
+            not both.
+        method_args: the keyword arguments of ``method``'s objective, e.g.
+            ``{lambda_pretrain: 30.0, lambda_harmful: 1000.0}`` (``None``: its defaults).
         harmful_bn_stats: whether forwards of harmful batches update BatchNorm running
             statistics. Default ``False``: the released model's running statistics stay those
             of its own task D_P; a D_H forward made only for the regularizer uses the batch
@@ -110,8 +138,8 @@ class ImmunizationModule(pl.LightningModule):
 
     def __init__(
         self,
-        extractor: nn.Module,
-        head: nn.Module | None = None,
+        extractor: LinearExtractor | TimmBackbone | ModuleLike,
+        head: LinearHead | ModuleLike | None = None,
         objective: Objective | None = None,
         optimizer: OptimizerFactory | None = None,
         extractor_lr: float | None = None,

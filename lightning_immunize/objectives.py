@@ -179,6 +179,8 @@ class ConditionNumberObjective(Objective):
             carries the gradient, so small batches (64 against 768 features) still see a
             full-rank covariance. ``ema`` works on the K×K covariance (no Gram route) with the
             tolerance rule for κ; its running estimate is saved in checkpoints.
+        ema_decay: ``β ∈ [0, 1)``, the weight of the running estimate with
+            ``covariance="ema"`` (unused with ``"batch"``).
     """
 
     name = "ours"
@@ -438,7 +440,18 @@ class ConditionNumberObjective(Objective):
 
 
 class RMaxOnlyObjective(ConditionNumberObjective):
-    """Baseline ``rmax_only`` (Section 5): ``L(D_P) + λ_H·R_max(S_H)``, i.e. ours with λ_P = 0."""
+    """Baseline ``rmax_only`` (Section 5): ``L(D_P) + λ_H·R_max(S_H)``, i.e. ours with λ_P = 0.
+
+    Args:
+        lambda_harmful: ``λ_H ≥ 0``, the weight of ``R_max(S_H)``.
+        preconditioner: ``"exact"``, ``"ridge"``, ``"none"`` or ``"auto"``, as for
+            :class:`ConditionNumberObjective`.
+        ridge: relative ridge ``ρ`` of the ``ridge`` preconditioner.
+        rank_rule: ``"input"``, ``"tolerance"`` or ``"auto"``, as for
+            :class:`ConditionNumberObjective`.
+        covariance: ``"batch"`` (each step's global batch) or ``"ema"`` (running estimate).
+        ema_decay: ``β ∈ [0, 1)`` of the ``ema`` covariance.
+    """
 
     name = "rmax_only"
 
@@ -466,7 +479,8 @@ class ConditionNumberOptObjective(Objective):
     Args:
         lambda_pretrain: ``λ_P ≥ 0``, the weight of ``log κ(S_P)`` (same role as ours').
         lambda_harmful: ``λ_H ≥ 0``, the weight of ``−log κ(S_H)``.
-        rank_rule: see :func:`input_rank`.
+        rank_rule: ``"input"``, ``"tolerance"`` or ``"auto"``, as for
+            :class:`ConditionNumberObjective` (see :func:`input_rank`).
         lambda_: deprecated: sets both λ (the old single-λ argument).
     """
 
@@ -534,7 +548,7 @@ class IMMAObjective(Objective):
     Args:
         lambda_harmful: ``λ_H ≥ 0``, the weight of the harmful term (same role as ours').
         inner_steps: differentiable probe steps of the inner loop.
-        inner_lr: their learning rate.
+        inner_lr: learning rate of the inner loop's probe steps.
         lambda_: deprecated name of ``lambda_harmful``.
     """
 

@@ -38,7 +38,7 @@ def test_house_prices_default_config_immunizes_and_slows_the_harmful_probe(tmp_p
     (run,) = (tmp_path / "lightning_logs").iterdir()
     report = json.loads((run / "immunization.json").read_text())
     assert report["immunized"] and report["rir"] >= 100
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    ckpt = run / "checkpoints" / "last.ckpt"
     evaluate_checkpoint(config, ckpt, tmp_path / "evaluation", steps=200, attackers=["gd_exact"])
     rows = (tmp_path / "evaluation" / "curves.csv").read_text().splitlines()[1:]
     final = {

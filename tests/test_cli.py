@@ -67,7 +67,7 @@ def test_fit_writes_immunization_json(digits_run: Path):
 
 def test_checkpoint_reload_gives_same_rir(digits_run: Path):
     report = json.loads((digits_run / "immunization.json").read_text())
-    (ckpt,) = (digits_run / "checkpoints").glob("*.ckpt")
+    ckpt = digits_run / "checkpoints" / "last.ckpt"
     module = ImmunizationModule.load_from_checkpoint(
         ckpt,
         extractor=LinearExtractor(64, 64).double(),
@@ -80,7 +80,7 @@ def test_checkpoint_reload_gives_same_rir(digits_run: Path):
 
 
 def test_export_and_reload(digits_run: Path, tmp_path: Path, capsys):
-    (ckpt,) = (digits_run / "checkpoints").glob("*.ckpt")
+    ckpt = digits_run / "checkpoints" / "last.ckpt"
     out = tmp_path / "immunized.safetensors"
     assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
     with safe_open(str(out), framework="pt") as f:
@@ -131,7 +131,7 @@ def test_console_script_without_arguments_prints_help():
 def test_evaluate_writes_report_and_figures(digits_run: Path, tmp_path: Path):
     import matplotlib.image
 
-    (ckpt,) = (digits_run / "checkpoints").glob("*.ckpt")
+    ckpt = digits_run / "checkpoints" / "last.ckpt"
     out = tmp_path / "evaluation"
     config = str(REPO / "configs" / "digits.yaml")
     assert (

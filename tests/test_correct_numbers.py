@@ -193,7 +193,7 @@ def test_mnist_fit_rir_matches_numpy(tmp_path, pair):
     )
     (run,) = (root / "lightning_logs").iterdir()
     report = json.loads((run / "immunization.json").read_text())
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     theta = state["extractor.linear.weight"].to(F64).T.numpy()  # θ (D×K), no bias
     assert not any(k.startswith("extractor.") and k.endswith("bias") for k in state)

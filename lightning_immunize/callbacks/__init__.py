@@ -19,6 +19,7 @@ _EXPORTS = {
     "ConditionNumberMonitor": "monitor",
     "ProbingCallback": "probing",
     "PretrainFromScratch": "pretrain",
+    "LastCheckpoint": "last_checkpoint",
 }
 #: Functions this package exported before they moved to ``lightning_immunize.evaluation``;
 #: still reachable here, with a DeprecationWarning, until the next release.

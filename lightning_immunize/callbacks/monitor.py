@@ -28,6 +28,9 @@ class ConditionNumberMonitor(pl.Callback):
     κ by the tolerance rule (``docs/numerical-rank.md``); the features are recomputed without
     gradients after the optimizer step, so they reflect the current extractor.
 
+    Args:
+        every_n_steps: measure every ``every_n_steps``-th training step (≥ 1).
+
     Example:
         >>> ConditionNumberMonitor(every_n_steps=10).every_n_steps
         10

@@ -38,8 +38,15 @@ class PretrainFromScratch(pl.Callback):
 
     Args:
         cache_dir: folder of the cached files (default :func:`default_cache_dir` ``/ "theta0"``).
-        epochs, max_epochs, min_accuracy, lr, weight_decay, batch_size, seed, progress:
-            the recipe, see :func:`train_classifier`.
+        epochs: train at least this many epochs (``1 ≤ epochs ≤ max_epochs``), then stop
+            once the held-out accuracy reaches ``min_accuracy``.
+        max_epochs: train at most this many epochs.
+        min_accuracy: the held-out accuracy, in [0, 1], to reach.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        batch_size: training batch size.
+        seed: seed of the shuffles (a private generator; the global RNG is untouched).
+        progress: show a progress bar while training.
         require_accuracy: raise if the held-out accuracy stays below ``min_accuracy`` after
             ``max_epochs`` (otherwise a warning is printed and the model is used anyway).
 

@@ -17,7 +17,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_immunize.callbacks.reference import ReferenceKeeper
-from lightning_immunize.evaluation.report import REPORT_NAME, format_report, task_metric
+from lightning_immunize.evaluation.report import (
+    NO_STEP_NOTE,
+    REPORT_NAME,
+    format_report,
+    task_metric,
+)
 
 __all__ = ["ImmunizationReport"]
 
@@ -25,7 +30,17 @@ __all__ = ["ImmunizationReport"]
 class ImmunizationReport(ReferenceKeeper):
     """Writes ``immunization.json`` into ``trainer.log_dir`` (or ``dirpath``) at the end of fit
     and logs the table (:func:`immunization_report`; deep models: ``num_groups`` ×
-    ``group_size`` against θ_0 as it was at fit start)."""
+    ``group_size`` against θ_0 as it was at fit start).
+
+    Args:
+        dirpath: folder of ``immunization.json`` (default: ``trainer.log_dir``, else
+            ``trainer.default_root_dir``).
+        split: the data module's split the ratios are computed on (``"train"``, ``"val"``
+            or ``"test"``).
+        num_groups: deep (non-linear) extractors: number of sample groups of the RIR
+            (Eq. 17); unused for a linear extractor.
+        group_size: deep extractors: samples per group (fewer when a side is smaller).
+    """
 
     def __init__(
         self,
@@ -69,6 +84,9 @@ class ImmunizationReport(ReferenceKeeper):
             report["seconds"] = self._elapsed + time.perf_counter() - self._start
         if "task_metric" in self._before:
             report["task_metric_before"] = self._before["task_metric"]
+        report["steps"] = trainer.global_step
+        if trainer.global_step == 0:
+            report["note"] = NO_STEP_NOTE
         self.report = report
         # ``trainer.log_dir`` broadcasts under DDP: every rank must ask, only rank 0 writes.
         self._write(Path(self.dirpath or trainer.log_dir or trainer.default_root_dir), report)

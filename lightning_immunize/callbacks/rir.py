@@ -8,6 +8,7 @@ and the datamodule has ``full_tensors(split)``. Works with any such pipeline, no
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_immunize.callbacks.reference import ReferenceKeeper
 
@@ -18,11 +19,21 @@ LOGGED = ("rir", "ratio_harmful", "ratio_pretrain")
 
 class RIRCallback(ReferenceKeeper):
     """Logs ``rir``, ``ratio_harmful`` and ``ratio_pretrain`` at the end of every
-    ``every_n_epochs``-th validation epoch (on the training split by default).
+    ``every_n_epochs``-th validation epoch — or training epoch, when the run has no validation
+    loop (it says so once) — measured on the training split by default.
 
     Linear extractors are compared with the identity on the full split (Eq. 15); others with
     θ_0, the extractor as it was at fit start, on ``num_groups`` × ``group_size`` samples
     (Eq. 17), whose means are logged (``*_std`` too).
+
+    Args:
+        split: the data module's split the ratios are computed on (``"train"``, ``"val"``
+            or ``"test"``).
+        every_n_epochs: log at the end of every ``every_n_epochs``-th epoch (≥ 1).
+        num_groups: deep (non-linear) extractors: number of sample groups of the RIR
+            (Eq. 17); unused for a linear extractor.
+        group_size: deep extractors: samples per group (fewer when a side is smaller).
+        prog_bar: also show ``rir`` in the progress bar.
 
     Example:
         >>> callback = RIRCallback(every_n_epochs=5)
@@ -46,9 +57,28 @@ class RIRCallback(ReferenceKeeper):
         self.prog_bar = prog_bar
         self.reference = None
         self.last: dict | None = None
+        self._said_train_epoch_end = False
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking:
+            return
+        self._measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Without a validation loop (no val split, limit_val_batches=0) there is no validation
+        # epoch end: measure here instead, and say so once.
+        if trainer.enable_validation and sum(trainer.num_val_batches) > 0:
+            return
+        if not self._said_train_epoch_end:
+            rank_zero_info(
+                "RIRCallback: this run has no validation loop; logging rir at the end of every "
+                f"{self.every_n_epochs}-th training epoch instead, on the {self.split!r} split."
+            )
+            self._said_train_epoch_end = True
+        self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         report = self.compute_report(trainer, pl_module)
         self.last = report

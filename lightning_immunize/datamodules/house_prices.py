@@ -18,7 +18,12 @@ encoding), categorical (non-numeric) columns → integer codes of their sorted c
 (as sklearn's ``LabelEncoder``), then every feature column and the target standardized with
 the split's mean and population standard deviation (``ddof=0``); a constant column (std 0)
 stays 0 after centering. Train = the first ``train_rows`` rows of each split (file order),
-validation = the next ``val_rows``.
+validation = the next ``val_rows``. The values filled are logged once per build (INFO: count
+per column and split).
+
+A file that looks like Kaggle's (at least half of its 81 columns) but lacks some of its
+feature columns is an error naming them (the model's 79-wide input would not fit): leave
+columns out with ``drop_columns`` instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import TensorDataset
 
 from .base import PairedDataModule
@@ -37,6 +43,19 @@ __all__ = ["HousePricesDataModule", "encode_and_standardize"]
 
 STANDARDIZE_ON = ("split", "train")
 COLUMN_RULES = ("per_split", "shared")
+#: The columns of Kaggle's ``train.csv``, in file order.
+KAGGLE_COLUMNS = tuple(
+    "Id MSSubClass MSZoning LotFrontage LotArea Street Alley LotShape LandContour Utilities "
+    "LotConfig LandSlope Neighborhood Condition1 Condition2 BldgType HouseStyle OverallQual "
+    "OverallCond YearBuilt YearRemodAdd RoofStyle RoofMatl Exterior1st Exterior2nd MasVnrType "
+    "MasVnrArea ExterQual ExterCond Foundation BsmtQual BsmtCond BsmtExposure BsmtFinType1 "
+    "BsmtFinSF1 BsmtFinType2 BsmtFinSF2 BsmtUnfSF TotalBsmtSF Heating HeatingQC CentralAir "
+    "Electrical 1stFlrSF 2ndFlrSF LowQualFinSF GrLivArea BsmtFullBath BsmtHalfBath FullBath "
+    "HalfBath BedroomAbvGr KitchenAbvGr KitchenQual TotRmsAbvGrd Functional Fireplaces "
+    "FireplaceQu GarageType GarageYrBlt GarageFinish GarageCars GarageArea GarageQual "
+    "GarageCond PavedDrive WoodDeckSF OpenPorchSF EnclosedPorch 3SsnPorch ScreenPorch PoolArea "
+    "PoolQC Fence MiscFeature MiscVal MoSold YrSold SaleType SaleCondition SalePrice ".split()
+)
 
 
 def encode_and_standardize(
@@ -193,6 +212,7 @@ class HousePricesDataModule(PairedDataModule):
         for target in (self.pretrain_target, self.harmful_target):
             if not pd.api.types.is_numeric_dtype(df[target]):
                 raise ValueError(f"{self.csv_path}: target column {target!r} is not numeric")
+        self._check_kaggle_columns(df)
         if self.columns == "shared":
             excluded = {self.pretrain_target, self.harmful_target, *self.drop_columns}
             shared = [c for c in df.columns if c not in excluded]
@@ -236,5 +256,44 @@ class HousePricesDataModule(PairedDataModule):
             train = TensorDataset(xt[tr], yt[tr])
             val = TensorDataset(xt[va], yt[va]) if n_val > 0 else None
             datasets[side] = (train, val)
+        self._log_filled(splits)
         self.pretrain, self.val_pretrain = datasets["pretrain"]
         self.harmful, self.val_harmful = datasets["harmful"]
+
+    def _check_kaggle_columns(self, df: pd.DataFrame) -> None:
+        """Names the feature columns of Kaggle's file missing from a file that looks like it."""
+        present = set(df.columns)
+        if sum(c in present for c in KAGGLE_COLUMNS) < len(KAGGLE_COLUMNS) / 2:
+            return  # not Kaggle's file: its columns are the user's choice
+        excluded = {self.pretrain_target, *self.drop_columns}  # the rule of the D_P side
+        excluded.add(self.id_column if self.columns == "per_split" else self.harmful_target)
+        missing = [c for c in KAGGLE_COLUMNS if c not in present and c not in excluded]
+        if not missing:
+            return
+        width = sum(c not in excluded for c in df.columns)
+        expected = sum(c not in excluded for c in KAGGLE_COLUMNS)
+        extra = [c for c in df.columns if c not in KAGGLE_COLUMNS]
+        found = f" (it has column(s) Kaggle's has not: {extra})" if extra else ""
+        raise ValueError(
+            f"{self.csv_path}: Kaggle's House Prices feature column(s) {missing} are missing: "
+            f"{width} features, expected {expected}{found}. Use the complete train.csv and "
+            f"leave columns out with drop_columns=[...]"
+        )
+
+    def _log_filled(self, splits: dict[str, tuple[pd.DataFrame, str]]) -> None:
+        """Logs (once per build) how many missing values each split's columns had: all
+        were filled with 0 (category ``"0"`` for categorical columns)."""
+        parts = []
+        total = 0
+        for side, (frame, target) in splits.items():
+            counts = frame[[*self._feature_columns[side], target]].isna().sum()
+            counts = counts[counts > 0]
+            if len(counts):
+                total += int(counts.sum())
+                listed = ", ".join(f"{name} {int(n)}" for name, n in counts.items())
+                parts.append(f"{side} split ({len(frame)} rows): {listed}")
+        if total:
+            rank_zero_info(
+                f"House Prices {self.csv_path}: filled {total} missing values with 0 "
+                f'(categorical columns: the category "0"); per column, {"; ".join(parts)}'
+            )

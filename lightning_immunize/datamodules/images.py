@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Subset
 
 from .base import PairedDataModule
@@ -74,7 +75,9 @@ class ImagePairDataModule(PairedDataModule):
 
     Each root is either ``<root>/<train_subdir>/<class>/<img>`` (with an optional
     ``<root>/<val_subdir>/...`` validation set) or directly ``<root>/<class>/<img>`` when
-    ``<root>/<train_subdir>`` does not exist (then there is no validation set). Samples
+    ``<root>/<train_subdir>`` does not exist (then there is no validation set: a warning says
+    so, as it does when ``<root>/<val_subdir>`` is missing; ``val_subdir=None`` silences both;
+    a ``<root>/<val_subdir>`` without ``<root>/<train_subdir>`` is an error). Samples
     are ``x`` float32 ``(3, image_size, image_size)`` and an int64 class index;
     ``task == "multiclass"``, ``input_dim is None``. The two sides have their own label
     spaces: ``num_classes_pretrain`` and ``num_classes_harmful``; ``num_classes`` is their
@@ -174,6 +177,7 @@ class ImagePairDataModule(PairedDataModule):
             (("pretrain", self.pretrain_root), ("harmful", self.harmful_root))
         ):
             train_dir, has_subdir = _root_and_subdir(root, self.train_subdir)
+            self._check_layout(side, root, has_subdir)
             train_folder = _image_folder(train_dir, train_tf)
             classes = list(train_folder.classes)  # type: ignore[attr-defined]
             self.class_names[side] = classes
@@ -200,6 +204,31 @@ class ImagePairDataModule(PairedDataModule):
         self.num_classes_harmful = counts["harmful"]
         same = counts["pretrain"] == counts["harmful"]
         self.num_classes = counts["pretrain"] if same else None
+
+    def _check_layout(self, side: str, root: Path, has_subdir: bool) -> None:
+        """Says (once per build) when ``root`` gives no validation set although ``val_subdir``
+        asks for one; a ``val_subdir`` without a ``train_subdir`` is an error (it would
+        become a class)."""
+        train, val = self.train_subdir, self.val_subdir
+        if not train or not val:  # the user chose a flat root, or no validation
+            return
+        if not has_subdir and (root / val).is_dir():
+            raise ValueError(
+                f"{root} has a {val!r} sub-folder but no {train!r} one: expected "
+                f"{root}/{train}/<class>/<image> beside {root}/{val}/<class>/<image>, or "
+                f"only class folders directly in {root} (as it is, {val!r} would be a class)"
+            )
+        if not has_subdir:
+            rank_zero_warn(
+                f"{root} has no {train!r} sub-folder: its class folders are all the {side} "
+                f"training set, and the {side} side has no validation set (expected "
+                f"{root}/{train}/<class>/<image> and {root}/{val}/<class>/<image> for one)"
+            )
+        elif not (root / val).is_dir():
+            rank_zero_warn(
+                f"{root / val} not found: the {side} side has no validation set (training "
+                f"on {root / train}; pass val_subdir=None to say it is intended)"
+            )
 
     def _split_datasets(self, split: str) -> tuple[Dataset | None, Dataset | None]:
         if split == "train":

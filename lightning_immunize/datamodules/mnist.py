@@ -248,11 +248,15 @@ class MNISTHalvesDataModule(PairedDataModule):
         split_seed: seed of the train/held-out draw; fixed (0), independent of ``seed`` and
             of the global seed, so every run is measured on the same held-out images.
         max_samples: optional cap on each side's count before the split (short runs, CI).
-        batch_size, seed, mode, num_workers, shuffle, drop_last: see
-            :class:`~lightning_immunize.datamodules.PairedDataModule` (``seed`` seeds the
-            training shuffles only. Default: the global seed (``seed_everything``, env
-            ``PL_GLOBAL_SEED``), else 0).
-        mean, std: normalization.
+        batch_size: per-side batch size (>= 2).
+        seed: seed of the training shuffles only (not of the held-out split). Default: the
+            global seed (``seed_everything``, env ``PL_GLOBAL_SEED``), else 0.
+        mean: normalization mean (MNIST's 0.1307 by default).
+        std: normalization std (MNIST's 0.3081 by default).
+        mode: training CombinedLoader mode.
+        num_workers: DataLoader workers.
+        shuffle: shuffle training loaders.
+        drop_last: drop the last incomplete training batch.
 
     Example:
         >>> dm = MNISTHalvesDataModule("../shared/data/MNIST", max_samples=100)

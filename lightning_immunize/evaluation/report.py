@@ -21,7 +21,15 @@ from lightning_immunize.metrics import (
 )
 from lightning_immunize.models import LinearExtractor, evaluating
 
-__all__ = ["REPORT_NAME", "format_report", "immunization_report", "task_metric"]
+__all__ = [
+    "NO_STEP_NOTE",
+    "REPORT_NAME",
+    "check_data_fingerprint",
+    "data_fingerprints",
+    "format_report",
+    "immunization_report",
+    "task_metric",
+]
 
 
 REPORT_NAME = "immunization.json"
@@ -90,16 +98,18 @@ def immunization_report(
             )
             report = metric.compute()
         report["split"] = split
-        report["data_fingerprint"] = {
-            "pretrain": fingerprint(X_P, y_P),
-            "harmful": fingerprint(X_H, y_H),
-        }
+        report["data_fingerprint"] = _fingerprints(X_P, y_P, X_H, y_H)
         report.update(task_metric(module, datamodule, split))
     objective = getattr(module, "objective", None)
     if objective is not None:
         report["method"] = objective.name
         report["objective"] = objective.hyperparameters()
     return report
+
+
+#: What a report says when fit ran no optimizer step (``--trainer.max_epochs 0``, an empty
+#: training set): its figures describe the model as built, not an immunized one.
+NO_STEP_NOTE = "no training step ran: these figures are those of the model as built, not immunized"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -125,4 +135,45 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value:.6g}" for name, value in rows]
     lines.append(f"{'immunized':<{width}}  {'yes' if report['immunized'] else 'no'}")
+    if "steps" in report:
+        lines.append(f"{'training steps':<{width}}  {report['steps']}")
+    if "note" in report:
+        lines.append(f"NOTE: {report['note']}")
     return "\n".join(lines)
+
+
+def _fingerprints(X_P: torch.Tensor, y_P: torch.Tensor, X_H: torch.Tensor, y_H: torch.Tensor):
+    return {"pretrain": fingerprint(X_P, y_P), "harmful": fingerprint(X_H, y_H)}
+
+
+def data_fingerprints(datamodule: Any, split: str = "train") -> dict[str, str]:
+    """``{"pretrain": …, "harmful": …}``: the fingerprints of ``split``'s tensors, as the report
+    records them in ``data_fingerprint``."""
+    return _fingerprints(*datamodule.full_tensors(split))
+
+
+def check_data_fingerprint(
+    datamodule: Any, report: dict[str, Any] | None, allow_mismatch: bool = False
+) -> None:
+    """Refuse to measure a model on other data than it was immunized on.
+
+    ``report`` is the run's ``immunization.json``; its ``data_fingerprint`` (of its ``split``)
+    must equal the fingerprints of ``datamodule``'s same split. Nothing to check without a
+    recorded fingerprint.
+
+    Raises:
+        ValueError: the fingerprints differ and ``allow_mismatch`` is false; the message names
+            both.
+    """
+    recorded = (report or {}).get("data_fingerprint")
+    if not recorded or allow_mismatch:
+        return
+    split = report.get("split", "train")
+    current = data_fingerprints(datamodule, split)
+    if current != recorded:
+        raise ValueError(
+            f"the data differ from the data this model was immunized on: {split} split "
+            f"fingerprints {current} now, {recorded} in the run's immunization.json. Evaluate "
+            "the run folder with its own config, or pass --allow-data-mismatch to measure it "
+            "on other data on purpose."
+        )

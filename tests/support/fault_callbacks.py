@@ -28,3 +28,14 @@ class SaveFinalWeights(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.path)
+
+
+class InterruptAtStep(pl.Callback):
+    """Sends SIGINT (Ctrl-C) to its own process after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
