@@ -28,7 +28,9 @@ from typing import Any
 import yaml
 
 from lightning_immunize.evaluation.tables import (
+    LEGACY_METHODS,
     METHODS,
+    REFERENCE,
     deep_summary_table,
     probe_table,
     summary_table,
@@ -103,6 +105,11 @@ def load_protocols(path: str | Path = DEFAULT_SPEC) -> dict[str, Any]:
     unknown = sorted(set(spec) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"{path}: unknown protocol(s) {unknown}; expected {list(PROTOCOLS)}.")
+    for protocol in spec.values():
+        methods = protocol.get("methods") or {}
+        for old, new in LEGACY_METHODS.items():
+            if old in methods:
+                methods[new] = methods.pop(old)
     return spec
 
 
@@ -113,6 +120,7 @@ def plan_runs(
     pairs: Sequence[tuple[int, int]] | None,
 ) -> list[Run]:
     """Every run of a sweep, in order: pair-major so a partial sweep covers whole pairs."""
+    methods = [_current_method(m) for m in methods]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected a subset of {list(METHODS)}.")
@@ -122,13 +130,28 @@ def plan_runs(
     return [Run(m, s, a, b) for (a, b) in pairs for s in seeds for m in methods]
 
 
+def _current_method(method: str) -> str:
+    if method in LEGACY_METHODS:
+        warnings.warn(
+            f"method {method!r} is now called {LEGACY_METHODS[method]!r}; the old name goes "
+            "away in the next release.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return LEGACY_METHODS[method]
+    return method
+
+
 def read_runs(path: str | Path) -> list[dict[str, str]]:
     """Rows of ``runs.csv`` (empty when the file does not exist yet)."""
     path = Path(path)
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for row in rows:  # files written before the reference row had its name
+        row["method"] = LEGACY_METHODS.get(row["method"], row["method"])
+    return rows
 
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
@@ -164,7 +187,7 @@ def _cli_args(protocol_spec: dict[str, Any], run: Run) -> list[str]:
         args += ["--data.init_args.harmful_digit", str(run.harmful)]
     if "seed_arg" in protocol_spec:  # e.g. the random init of the linear extractor
         args += [f"--{protocol_spec['seed_arg']}", str(run.seed)]
-    if run.method != "identity":
+    if run.method != REFERENCE:
         args += ["--model.objective", "null", "--model.method", run.method]
         args += ["--model.method_args", json.dumps(method_spec.get("method_args", {}))]
     for key, value in (method_spec.get("overrides") or {}).items():
@@ -173,8 +196,8 @@ def _cli_args(protocol_spec: dict[str, Any], run: Run) -> list[str]:
 
 
 def _execute_deep(protocol_spec: dict[str, Any], run: Run, out: Path) -> dict[str, Any]:
-    """A deep run: θ_0 from its cache (or trained once), fit unless ``identity``, the deep RIR
-    against θ_0 and the probe accuracy curves (written to ``<out>/probes``)."""
+    """A deep run: θ_0 from its cache (or trained once), fit unless it is the reference row,
+    the deep RIR against θ_0 and the probe accuracy curves (written to ``<out>/probes``)."""
     import copy
 
     from lightning_immunize.build import instantiate
@@ -190,7 +213,7 @@ def _execute_deep(protocol_spec: dict[str, Any], run: Run, out: Path) -> dict[st
     reference = copy.deepcopy(module.extractor).eval()
     before = task_metric(module, datamodule)
     start = time.perf_counter()
-    if run.method != "identity":
+    if run.method != REFERENCE:
         cli.trainer.fit(module, datamodule)
     seconds = time.perf_counter() - start
     probe = protocol_spec.get("probe", {})
@@ -228,7 +251,7 @@ def _execute(protocol_spec: dict[str, Any], run: Run, curves_dir: Path | None) -
     cli = instantiate(_cli_args(protocol_spec, run))
     module, datamodule = cli.model, cli.datamodule
     start = time.perf_counter()
-    if run.method == "identity":
+    if run.method == REFERENCE:
         # The reference row: no training, the identity extractor (every ratio is 1).
         width = module.extractor.linear.in_features
         module.extractor = LinearExtractor(width, width, init="identity").to(torch.float64)
@@ -238,7 +261,7 @@ def _execute(protocol_spec: dict[str, Any], run: Run, curves_dir: Path | None) -
     seconds = time.perf_counter() - start
     module = module.to(torch.float64)
     report = immunization_report(module, datamodule)
-    if run.method == "identity":
+    if run.method == REFERENCE:
         report.pop("task_metric", None)
     report["seconds"] = seconds
     if curves_dir is not None:
@@ -369,7 +392,7 @@ def _deep_summary(out: Path, rows: list[dict[str, str]]) -> list[str]:
     from lightning_immunize.evaluation.study import read_probes
 
     text = [
-        "Deep RIR of SPEC §6 (Eq. 17) against θ_0 on G groups × n samples of the training "
+        "Deep RIR (Eq. 17) against θ_0 on G groups × n samples of the training "
         "split (the same groups for θ_0 and θ_I), group means; a run counts as **immunized** "
         "when RIR > 1, ratio_harmful > 1 and ratio_pretrain ≤ 1. Mean ± std over seeds.",
         "",
@@ -398,7 +421,8 @@ def write_summary(protocol: str, out: str | Path, command: str | None = None) ->
         return table
     text += [
         "A run counts as **immunized** when RIR > 1, ratio_harmful > 1 and ratio_pretrain ≤ 1 "
-        "(SPEC §6); κ by the SPEC §2 input-rank rule. Mean ± std over runs.",
+        "(Definition 3.1); κ by the input-rank rule (docs/numerical-rank.md). Mean ± std "
+        "over runs.",
         "",
         summary_table(rows),
         "",
@@ -408,7 +432,7 @@ def write_summary(protocol: str, out: str | Path, command: str | None = None) ->
     figures = []
     if protocol in ("digits", "mnist"):
         for method in sorted({r["method"] for r in rows}):
-            if method == "identity":
+            if method == REFERENCE:
                 continue
             path = plot_heatmap(rows, method, out / f"heatmap_{method}.png")
             if path is not None:

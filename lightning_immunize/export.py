@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_immunize.run_folder import CONFIG_NAME, REPORT_NAME
+
 __all__ = [
     "load_checkpoint",
     "extractor_state",
@@ -224,7 +226,7 @@ def _run_progress(checkpoint: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
     in_run = ckpt.parent.name == "checkpoints"  # RUN/checkpoints/x.ckpt, as a fit writes it
     steps = checkpoint.get("global_step")
     epochs = _epochs_done(checkpoint)
-    planned_steps, planned_epochs = _planned(run / "config.yaml") if in_run else (None, None)
+    planned_steps, planned_epochs = _planned(run / CONFIG_NAME) if in_run else (None, None)
     candidates = {
         "steps": steps,
         "epochs": epochs,
@@ -232,7 +234,7 @@ def _run_progress(checkpoint: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
         "planned_epochs": planned_epochs,
     }
     info: dict[str, Any] = {k: int(v) for k, v in candidates.items() if v is not None}
-    report = run / "immunization.json"
+    report = run / REPORT_NAME
     no_report = f"no {report.name} in {run}: the fit did not reach its end"
     limits = [
         (done, plan, what)
@@ -247,16 +249,14 @@ def _run_progress(checkpoint: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
         info["partial"] = not any(done >= plan for done, plan, _ in limits)
         progress = ", ".join(f"{done} of {plan} planned {what}" for done, plan, what in limits)
         keys = " and ".join(f"trainer.max_{what}" for *_, what in limits)
-        reason = f"{progress} ({keys} of {run / 'config.yaml'})"
+        reason = f"{progress} ({keys} of {run / CONFIG_NAME})"
         if info["partial"] and not report.is_file():
             reason += f"; {no_report}"
     elif in_run and not report.is_file():
         info["partial"], reason = True, no_report
     else:
         info["partial"] = "unknown"
-        where = (
-            f"{run / 'config.yaml'}" if in_run else f"a run folder (RUN/checkpoints/{ckpt.name})"
-        )
+        where = f"{run / CONFIG_NAME}" if in_run else f"a run folder (RUN/checkpoints/{ckpt.name})"
         reason = (
             f"the planned length of the fit is unknown: no trainer.max_steps/max_epochs in {where}"
         )
@@ -293,7 +293,7 @@ def export_checkpoint(
     """
     checkpoint = load_checkpoint(ckpt)
     metadata = dict(checkpoint.get("immunization", {}))
-    report_path = Path(report) if report else Path(ckpt).parent.parent / "immunization.json"
+    report_path = Path(report) if report else Path(ckpt).parent.parent / REPORT_NAME
     if report_path.is_file():
         figures = json.loads(report_path.read_text())
         metadata.update({k: figures[k] for k in REPORT_KEYS if k in figures})

@@ -226,17 +226,25 @@ class PreconditionedLinear(nn.Linear):
 
 
 @contextmanager
-def preconditioning_enabled(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Switch every :class:`PreconditionedLinear` inside ``module`` on (or off) for a block."""
+def _layers_set(module: nn.Module, name: str, value: object) -> Iterator[None]:
+    """Every :class:`PreconditionedLinear` in ``module`` has attribute ``name = value`` for the
+    block, and its previous value back afterwards."""
     layers = [m for m in module.modules() if isinstance(m, PreconditionedLinear)]
-    previous = [m.precondition for m in layers]
+    previous = [getattr(m, name, None) for m in layers]
     for m in layers:
-        m.precondition = enabled
+        setattr(m, name, value)
     try:
-        yield module
+        yield
     finally:
         for m, state in zip(layers, previous, strict=True):
-            m.precondition = state
+            setattr(m, name, state)
+
+
+@contextmanager
+def preconditioning_enabled(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Switch every :class:`PreconditionedLinear` inside ``module`` on (or off) for a block."""
+    with _layers_set(module, "precondition", enabled):
+        yield module
 
 
 def preconditioning(module: nn.Module, enabled: bool = True):
@@ -277,15 +285,8 @@ def deferred_preconditioning(module: nn.Module) -> Iterator[PreconditionSwitch]:
     True
     """
     switch = PreconditionSwitch()
-    layers = [m for m in module.modules() if isinstance(m, PreconditionedLinear)]
-    previous = [getattr(m, "switch", None) for m in layers]
-    for m in layers:
-        m.switch = switch
-    try:
+    with _layers_set(module, "switch", switch):
         yield switch
-    finally:
-        for m, state in zip(layers, previous, strict=True):
-            m.switch = state
 
 
 def convert_linear_layers(

@@ -249,7 +249,7 @@ def constructed_probes():
     ``ours`` is faster on both seeds, the others are θ_0. Adam: everyone is θ_0.
     """
     harmful_sgd = {
-        "identity": (REF0, REF1),
+        "reference": (REF0, REF1),
         "rmax_only": (LATE, REF1),
         "imma": (EARLY, MID),
         "opt": (REF0, REF1),
@@ -306,21 +306,22 @@ def test_probe_table_verdicts_on_constructed_curves(tmp_path):
     ref_acc = ["40.0", "92.5"]  # mean of REF0/REF1 at epochs 1 and 5
     expected = [
         # optimizer, task, method, acc @1, acc @5, epochs per seed, verdict
-        ["sgd", "D_H", "identity", *ref_acc, "3, 4", "θ_0"],
+        ["sgd", "D_H", "reference (θ_0)", *ref_acc, "3, 4", "θ_0"],
         ["sgd", "D_H", "rmax_only", "25.0", "88.5", "5, 4", "slower on 1 of 2 seeds"],
         ["sgd", "D_H", "imma", "62.5", "89.5", "1, 4", "not slower (faster on 1 of 2)"],
         ["sgd", "D_H", "opt", *ref_acc, "3, 4", "not slower"],
         ["sgd", "D_H", "ours", "20.0", "45.0", f"> {CAP}, > {CAP}", "**slower** (every seed)"],
-        ["sgd", "D_P", "identity", *ref_acc, "3, 4", "θ_0"],
+        ["sgd", "D_P", "reference (θ_0)", *ref_acc, "3, 4", "θ_0"],
         ["sgd", "D_P", "rmax_only", *ref_acc, "3, 4", "not slower"],
         ["sgd", "D_P", "imma", *ref_acc, "3, 4", "not slower"],
         ["sgd", "D_P", "opt", *ref_acc, "3, 4", "not slower"],
         ["sgd", "D_P", "ours", "95.0", "99.0", "1, 1", "not slower (faster on 2 of 2)"],
     ]
     for side in ("D_H", "D_P"):
-        for method in ("identity", "rmax_only", "imma", "opt", "ours"):
-            verdict = "θ_0" if method == "identity" else "not slower"
-            expected.append(["adam", side, method, *ref_acc, "3, 4", verdict])
+        for method in ("reference", "rmax_only", "imma", "opt", "ours"):
+            verdict = "θ_0" if method == "reference" else "not slower"
+            label = "reference (θ_0)" if method == "reference" else method
+            expected.append(["adam", side, label, *ref_acc, "3, 4", verdict])
     assert rows[1:] == expected
     assert mean_curves["ours"]["harmful"]["sgd"] == pytest.approx(
         [(a + b) / 2 for a, b in zip(NEVER, FLAT, strict=True)]
@@ -335,13 +336,13 @@ def test_probe_table_without_reference_run():
     probes = {
         ("ours", "0"): {"harmful": {"sgd": FLAT}, "pretrain": {"sgd": FLAT}},
         ("ours", "1"): {"harmful": {"sgd": FLAT}, "pretrain": {"sgd": REF1}},
-        ("identity", "1"): {"harmful": {"sgd": REF1}, "pretrain": {"sgd": REF1}},
+        ("reference", "1"): {"harmful": {"sgd": REF1}, "pretrain": {"sgd": REF1}},
     }
     rows = table_rows(probe_table(probes)[0])
     assert rows[1:] == [
-        ["sgd", "D_H", "identity", "30.0", "85.0", "4", "θ_0"],
+        ["sgd", "D_H", "reference (θ_0)", "30.0", "85.0", "4", "θ_0"],
         ["sgd", "D_H", "ours", "10.0", "10.0", f"—, > {CAP}", "**slower** (every seed)"],
-        ["sgd", "D_P", "identity", "30.0", "85.0", "4", "θ_0"],
+        ["sgd", "D_P", "reference (θ_0)", "30.0", "85.0", "4", "θ_0"],
         ["sgd", "D_P", "ours", "20.0", "47.5", "—, 4", "not slower"],
     ]
     only_missing = {("ours", "0"): probes[("ours", "0")]}

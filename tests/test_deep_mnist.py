@@ -182,7 +182,7 @@ def test_reproduce_deep_mnist_shortened_end_to_end(tmp_path):
     spec_path = tmp_path / "reproduce.yaml"
     spec_path.write_text(yaml.safe_dump({"deep-mnist": deep}))
     out = tmp_path / "out"
-    methods = ["identity", "ours", "rmax_only", "opt", "imma"]
+    methods = ["reference", "ours", "rmax_only", "opt", "imma"]
     table = run_sweep(
         "deep-mnist", out, methods=methods, seeds=[1], spec_path=spec_path, progress=False
     )

@@ -17,7 +17,7 @@ PAIRS = [(0, 1), (3, 8)]
 
 
 def test_plan_covers_every_pair_seed_and_method():
-    runs = plan_runs("digits", ["identity", "ours"], [1, 2], None)
+    runs = plan_runs("digits", ["reference", "ours"], [1, 2], None)
     assert len(runs) == 90 * 2 * 2 and len({r.key for r in runs}) == len(runs)
     assert len(plan_runs("house-prices", ["ours", "opt"], [1, 2, 3], None)) == 6
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['magic'\]"):
@@ -36,27 +36,27 @@ def test_sweep_resumes_after_interruption_without_repeating(tmp_path, monkeypatc
 
     monkeypatch.setattr(experiments, "_execute", failing_after_two)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep("digits", tmp_path, ["identity", "ours"], [1], PAIRS, progress=False)
+        run_sweep("digits", tmp_path, ["reference", "ours"], [1], PAIRS, progress=False)
     first = read_runs(tmp_path / "runs.csv")
     assert len(first) == 2
 
     monkeypatch.setattr(
         experiments, "_execute", lambda s, r, c: calls.append(r.key) or real(s, r, c)
     )
-    table = run_sweep("digits", tmp_path, ["identity", "ours"], [1], PAIRS, progress=False)
+    table = run_sweep("digits", tmp_path, ["reference", "ours"], [1], PAIRS, progress=False)
     rows = read_runs(tmp_path / "runs.csv")
     assert len(rows) == 4 and rows[:2] == first
     assert len(calls) == 4 and len(set(calls)) == 4  # nothing ran twice
     text = table.read_text()
-    assert "| ours | 2 |" in text and "| identity | 2 |" in text
+    assert "| ours | 2 |" in text and "| reference (identity) | 2 |" in text
     assert (tmp_path / "heatmap_ours.png").stat().st_size > 5_000
-    identity = [r for r in rows if r["method"] == "identity"]
+    identity = [r for r in rows if r["method"] == "reference"]
     assert all(float(r["rir"]) == pytest.approx(1.0) for r in identity)
 
     monkeypatch.setattr(
         experiments, "_execute", lambda *a: pytest.fail("a finished run was repeated")
     )
-    run_sweep("digits", tmp_path, ["identity", "ours"], [1], PAIRS, progress=False)
+    run_sweep("digits", tmp_path, ["reference", "ours"], [1], PAIRS, progress=False)
 
 
 def test_summary_table_counts_immunized():
@@ -144,3 +144,21 @@ def test_method_and_objective_are_exclusive():
             objective=make_objective("ours"),
             method="opt",
         )
+
+
+def test_old_identity_rows_and_name_still_work(tmp_path, monkeypatch):
+    """Runs recorded as ``identity`` (the reference row's old name) count as done; the old
+    name on the command line maps to ``reference`` with a DeprecationWarning."""
+    with pytest.warns(DeprecationWarning, match="'identity' is now called 'reference'"):
+        runs = plan_runs("digits", ["identity"], [1], [(0, 1)])
+    assert [r.method for r in runs] == ["reference"]
+    (tmp_path / "runs.csv").write_text(
+        "method,seed,pretrain,harmful,rir,ratio_harmful,ratio_pretrain,immunized,seconds\n"
+        "identity,1,0,1,1.0,1.0,1.0,False,0.1\n"
+    )
+    monkeypatch.setattr(
+        experiments, "_execute", lambda *a: pytest.fail("a finished run was repeated")
+    )
+    table = run_sweep("digits", tmp_path, ["reference"], [1], [(0, 1)], progress=False)
+    assert read_runs(tmp_path / "runs.csv")[0]["method"] == "reference"
+    assert "| reference (identity) | 1 |" in table.read_text()

@@ -177,11 +177,11 @@ def test_our_errors_are_one_line_with_exit_status_2_and_debug_keeps_the_tracebac
 
 def test_reproduce_writes_the_command_actually_run(tmp_path):
     out_dir = tmp_path / "sweep"
-    out = _cli("reproduce", "house-prices", "--out", str(out_dir), "--methods", "identity",
+    out = _cli("reproduce", "house-prices", "--out", str(out_dir), "--methods", "reference",
                "--seeds", "1", "--no-progress")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     table = (out_dir / "table.md").read_text()
-    expected = (f"lightning-immunize reproduce house-prices --out {out_dir} --methods identity "
+    expected = (f"lightning-immunize reproduce house-prices --out {out_dir} --methods reference "
                 "--seeds 1 --no-progress")  # fmt: skip
     assert expected in table and "docs/results" not in table
 
@@ -213,3 +213,24 @@ def test_rir_callback_without_validation_logs_on_training_epochs(caplog):
         trainer.fit(module, PairedDataModule(*data, batch_size=16))
     assert "rir" in trainer.callback_metrics and callback.last is not None
     assert any("no validation loop" in r.getMessage() for r in caplog.records)
+
+
+def test_nothing_users_read_cites_the_internal_spec(tmp_path):
+    """README, docs and every generated table cite the paper or docs/, not a spec file users
+    do not have."""
+    from lightning_immunize.evaluation.tables import summary_table
+    from lightning_immunize.experiments import write_summary
+
+    texts = {p: p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]}
+    texts.update({p: p.read_text() for p in (ROOT / "lightning_immunize").rglob("*.py")})
+    texts.update({p: p.read_text() for p in (ROOT / "configs").glob("*.yaml")})
+    (tmp_path / "runs.csv").write_text(
+        "method,seed,pretrain,harmful,rir,ratio_harmful,ratio_pretrain,immunized,seconds\n"
+        "ours,1,,,2.0,2.0,1.0,False,0.1\n"
+    )
+    texts["table.md"] = write_summary("house-prices", tmp_path).read_text()
+    texts["summary"] = summary_table(
+        [{"method": "ours", "rir": "1", "immunized": "False", "seconds": "1"}]
+    )
+    cited = [str(name) for name, text in texts.items() if "SPEC §" in text]
+    assert not cited

@@ -6,11 +6,11 @@ Column decision
 "features: all other 79 columns". The default ``columns="per_split"`` reads that as the
 reference code does: each split drops ``Id`` and **its own target**, so ``D_P`` (target
 ``LotArea``) keeps ``SalePrice`` as a feature and ``D_H`` (target ``SalePrice``) keeps
-``LotArea``; both are 79 wide, in file order. (Measured: with this reading the default
-config meets the issue's house-prices bar; dropping both targets and keeping ``Id`` did
-not.) ``columns="shared"`` gives both splits the same columns instead: everything except
-the two targets (``Id`` kept, 79 wide). ``MSZoning`` is constant (``"RL"``) inside ``D_H``,
-so it standardizes to a zero column there. ``drop_columns`` removes more columns.
+``LotArea``; both are 79 wide, in file order (``docs/results/README.md``: what the other
+reading measured). ``columns="shared"`` gives both splits the same columns instead:
+everything except the two targets (``Id`` kept, 79 wide). ``MSZoning`` is constant
+(``"RL"``) inside ``D_H``, so it standardizes to a zero column there. ``drop_columns``
+removes more columns.
 
 Preprocessing, per split (``D_P`` and ``D_H`` separately, over all rows of the split by
 default): missing values → 0 (for categorical columns: the category ``"0"`` before

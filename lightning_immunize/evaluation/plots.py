@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_immunize.evaluation.tables import method_order
+from lightning_immunize.evaluation.tables import (
+    LEGACY_METHODS,
+    REFERENCE,
+    method_label,
+    method_order,
+)
 from lightning_immunize.sides import DISPLAY_SIDES
 
 if TYPE_CHECKING:
@@ -116,7 +121,7 @@ PROBE_TITLES = {"sgd": "SGD, fixed step 1/λ_max", "adam": "Adam"}
 def plot_probe_accuracy(
     curves: dict[str, dict[str, dict[str, Sequence[float]]]],
     path: str | Path,
-    reference: str = "identity",
+    reference: str = REFERENCE,
     threshold: dict[str, dict[str, float]] | None = None,
 ) -> Path:
     """The paper's Fig. 3: held-out accuracy of a linear probe epoch by epoch, one panel per
@@ -226,7 +231,8 @@ def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) ->
         files = [f for f in files if f.stem.endswith(f"_seed{seed}")]
     by_method: dict[str, Path] = {}
     for f in files:
-        by_method.setdefault(f.stem.rsplit("_seed", 1)[0], f)
+        name = f.stem.rsplit("_seed", 1)[0]
+        by_method.setdefault(LEGACY_METHODS.get(name, name), f)
     if not by_method:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -237,10 +243,10 @@ def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) ->
         for method in method_order(by_method):
             curves = torch.load(by_method[method], weights_only=True)
             reference = curves[f"{side}_reference"]
-            if method != "identity":
+            if method != REFERENCE:
                 ax.semilogy(curves[f"{side}_immunized"].clamp_min(1e-16).numpy(), label=method)
         if reference is not None:
-            ax.semilogy(reference.clamp_min(1e-16).numpy(), "k--", label="identity")
+            ax.semilogy(reference.clamp_min(1e-16).numpy(), "k--", label=method_label(REFERENCE))
         ax.set_title(f"{title}: GD with exact line search")
         ax.set_xlabel("probing step t")
         ax.set_ylabel("‖w_t − w*‖ / ‖w_0 − w*‖")

@@ -20,6 +20,7 @@ from lightning_immunize.metrics import (
     linear_immunization_ratios,
 )
 from lightning_immunize.models import LinearExtractor, evaluating
+from lightning_immunize.run_folder import REPORT_NAME
 
 __all__ = [
     "NO_STEP_NOTE",
@@ -30,9 +31,6 @@ __all__ = [
     "immunization_report",
     "task_metric",
 ]
-
-
-REPORT_NAME = "immunization.json"
 
 
 @torch.no_grad()

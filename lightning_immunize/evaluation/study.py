@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_immunize.evaluation.tables import LEGACY_METHODS
 from lightning_immunize.metrics import extract_features
 from lightning_immunize.models import evaluating
 from lightning_immunize.probing import ProbeTrajectory, linear_probe_accuracy, run_attackers
@@ -205,5 +206,6 @@ def read_probes(out: str | Path) -> dict[tuple[str, str], dict[str, dict[str, li
     probes = {}
     for f in sorted((Path(out) / "probes").glob("*_seed*.json")):
         method, seed = f.stem.rsplit("_seed", 1)
+        method = LEGACY_METHODS.get(method, method)
         probes[(method, seed)] = json.loads(f.read_text())
     return probes

@@ -10,7 +10,10 @@ from typing import Any
 from lightning_immunize.sides import DISPLAY_SIDES
 
 __all__ = [
+    "LEGACY_METHODS",
     "METHODS",
+    "REFERENCE",
+    "method_label",
     "PROBE_EPOCHS_SHOWN",
     "PROBE_FRACTION",
     "deep_summary_table",
@@ -20,8 +23,20 @@ __all__ = [
     "summary_table",
 ]
 
+#: The row of a sweep that is not immunized: the identity extractor in the linear protocols,
+#: θ_0 in the deep ones (every ratio is measured against it).
+REFERENCE = "reference"
+#: Its name before it was called what it is; old ``runs.csv`` files and ``--methods`` use it.
+LEGACY_METHODS = {"identity": REFERENCE}
 #: Every method of a sweep, in table order: the unimmunized reference first, ours last.
-METHODS = ("identity", "rmax_only", "imma", "opt", "ours")
+METHODS = (REFERENCE, "rmax_only", "imma", "opt", "ours")
+
+
+def method_label(method: str, deep: bool = False) -> str:
+    """A method's name in a table: the reference row says what the reference is."""
+    if method == REFERENCE:
+        return "reference (θ_0)" if deep else "reference (identity)"
+    return method
 
 
 def _verdict(progress_ratio: float) -> str:
@@ -51,7 +66,7 @@ def evaluation_markdown(
         lines.append(f"- **{key}**: {value}")
     lines += [
         "",
-        "## Condition-number ratios (SPEC §6)",
+        "## Condition-number ratios (Eq. 15, Definition 3.1)",
         "",
         f"Reference: {study.reference_name}; split: {report.get('split', 'train')}.",
         "",
@@ -158,7 +173,7 @@ def summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None = No
         immunized = sum(r["immunized"] == "True" for r in sel)
         seconds = _floats(sel, "seconds")
         lines.append(
-            f"| {method} | {len(sel)} | {_mean_std(_floats(sel, 'ratio_harmful'))} | "
+            f"| {method_label(method)} | {len(sel)} | {_mean_std(_floats(sel, 'ratio_harmful'))} | "
             f"{_mean_std(_floats(sel, 'ratio_pretrain'))} | {_mean_std(rir)} | "
             f"{statistics.median(rir):.3g} | {immunized} / {len(sel)} | "
             f"{_mean_std(_floats(sel, 'task_metric'))} | {statistics.fmean(seconds):.2f} | "
@@ -189,7 +204,8 @@ def deep_summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None
         after, before = _floats(sel, "task_metric"), _floats(sel, "task_metric_before")
         change = [100 * (a - b) for a, b in zip(after, before, strict=False)]
         lines.append(
-            f"| {method} | {len(sel)} | {_mean_std(_floats(sel, 'ratio_harmful'))} | "
+            f"| {method_label(method, deep=True)} | {len(sel)} | "
+            f"{_mean_std(_floats(sel, 'ratio_harmful'))} | "
             f"{_mean_std(_floats(sel, 'ratio_pretrain'))} | {_mean_std(_floats(sel, 'rir'))} | "
             f"{sum(r['immunized'] == 'True' for r in sel)} / {len(sel)} | "
             f"{_mean_std([100 * b for b in before], 4)} % | "
@@ -201,7 +217,7 @@ def deep_summary_table(rows: list[dict[str, str]], methods: Sequence[str] | None
 
 def probe_table(
     probes: dict[tuple[str, str], dict[str, dict[str, list[float]]]],
-    reference: str = "identity",
+    reference: str = REFERENCE,
     fraction: float = PROBE_FRACTION,
 ) -> tuple[str, dict[str, dict[str, dict[str, list[float]]]]]:
     """Markdown of the probing attackers, and the mean curves per method (for the figure).
@@ -276,7 +292,8 @@ def probe_table(
                     verdict = "not slower"
                 accs = [f"{100 * mean_curves[method][side][opt][e]:.1f}" for e in shown]
                 lines.append(
-                    f"| {opt} | {'D_H' if side == 'harmful' else 'D_P'} | {method} | "
+                    f"| {opt} | {'D_H' if side == 'harmful' else 'D_P'} | "
+                    f"{method_label(method, deep=True)} | "
                     + " | ".join(accs)
                     + f" | {', '.join(cells)} | {verdict} |"
                 )
