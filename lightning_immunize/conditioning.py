@@ -57,6 +57,8 @@ from lightning_immunize.validation import check_finite
 __all__ = [
     "condition_number",
     "data_rank",
+    "data_singular_values",
+    "singular_value_rank",
     "r_min",
     "r_max",
     "feature_condition_number",
@@ -233,6 +235,39 @@ def _apply(kind: str, S64: Tensor, rank: int | None, rtol: float, floor: float) 
 # --------------------------------------------------------------------------- matrix API
 
 
+def _data_matrix(X: Tensor, bias: bool = False) -> Tensor:
+    """``X`` (N×D) checked (2-D, non-empty, finite) and converted to float64 as stored, with a
+    column of ones appended when ``bias``."""
+    if not isinstance(X, Tensor) or X.ndim != 2 or X.numel() == 0:
+        shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+        raise ValueError(f"X must be a non-empty data matrix of shape (N, D), got {shape}.")
+    check_finite(X, "X")
+    X64 = X.detach().to(DTYPE)
+    if bias:
+        X64 = torch.cat([X64, torch.ones_like(X64[:, :1])], dim=1)
+    return X64
+
+
+def singular_value_rank(sv: Tensor, shape: tuple[int, ...], rtol: float | None = None) -> int:
+    """How many singular values ``sv`` (descending) of a matrix of ``shape`` count: those above
+    ``rtol·σ_max``, ``rtol = max(shape)·eps₆₄`` by default — the rule of :func:`data_rank`.
+
+    >>> singular_value_rank(torch.tensor([4.0, 1.0, 1e-17], dtype=torch.float64), (3, 3))
+    2
+    """
+    if sv[0] == 0:
+        return 0
+    return int((sv > _default_rtol(rtol, max(shape)) * sv[0]).sum())
+
+
+def data_singular_values(X: Tensor) -> tuple[Tensor, int]:
+    """``(σ, rank)`` of a data matrix ``X`` (N×D) as given: its singular values in float64,
+    descending, and :func:`data_rank`'s rank read off them (one SVD for both)."""
+    X64 = _data_matrix(X)
+    sv = torch.linalg.svdvals(X64)
+    return sv, singular_value_rank(sv, X64.shape)
+
+
 def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     """Numerical rank of a data matrix ``X`` (N×D): the rank of the data *as given*.
 
@@ -249,13 +284,7 @@ def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
     >>> data_rank(torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]]))
     1
     """
-    if not isinstance(X, Tensor) or X.ndim != 2 or X.numel() == 0:
-        shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
-        raise ValueError(f"X must be a non-empty data matrix of shape (N, D), got {shape}.")
-    check_finite(X, "X")
-    X64 = X.detach().to(DTYPE)
-    if bias:
-        X64 = torch.cat([X64, torch.ones_like(X64[:, :1])], dim=1)
+    X64 = _data_matrix(X, bias)
     tol = _default_rtol(rtol, max(X64.shape))
     n = min(X64.shape)
     if n < max(X64.shape):
@@ -267,10 +296,7 @@ def data_rank(X: Tensor, rtol: float | None = None, bias: bool = False) -> int:
         top = float(mu[-1])
         if top > 0 and float(mu[0]) > (tol**2 + 4 * n * EPS) * top:
             return n
-    sv = torch.linalg.svdvals(X64)
-    if sv[0] == 0:
-        return 0
-    return int((sv > tol * sv[0]).sum())
+    return singular_value_rank(torch.linalg.svdvals(X64), X64.shape, tol)
 
 
 def condition_number(S: Tensor, rtol: float | None = None, rank: int | None = None) -> Tensor:

@@ -36,7 +36,12 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_immunize.conditioning import condition_number, data_rank, feature_condition_number
+from lightning_immunize.conditioning import (
+    condition_number,
+    data_singular_values,
+    feature_condition_number,
+    singular_value_rank,
+)
 from lightning_immunize.sides import SIDES
 
 __all__ = [
@@ -51,7 +56,6 @@ __all__ = [
 ]
 
 F64 = torch.float64
-EPS64 = torch.finfo(F64).eps
 
 
 @torch.no_grad()
@@ -127,12 +131,12 @@ def is_immunized(rir: float, ratio_harmful: float, ratio_pretrain: float) -> boo
     return bool(rir > 1.0 and ratio_harmful > 1.0 and ratio_pretrain <= 1.0)
 
 
-def _top_kappa(M: Tensor, rank: int) -> float:
-    """κ over the top ``rank`` eigenvalues ``σ_i²`` of ``MᵀM`` (M: N×W, float64), from ``M``'s
-    singular values: ``(σ_1/σ_rank)²``. ``σ_rank`` at round-off level (``≤ max(N, W)·eps₆₄·σ_1``,
-    where an exact zero lands) counts as zero: ``κ = inf``, not a number made of round-off."""
-    sv = torch.linalg.svdvals(M)
-    if sv[rank - 1] <= max(M.shape) * EPS64 * sv[0]:
+def _top_kappa(sv: Tensor, rank: int, shape: tuple[int, ...]) -> float:
+    """κ over the top ``rank`` eigenvalues ``σ_i²`` of ``MᵀM`` from ``M``'s singular values
+    ``sv`` (descending; ``M`` of ``shape``): ``(σ_1/σ_rank)²``. A ``σ_rank`` that the rank rule
+    does not count (round-off level, where an exact zero lands) counts as zero: ``κ = inf``,
+    not a number made of round-off."""
+    if singular_value_rank(sv, shape) < rank:
         return math.inf
     return float((sv[0] / sv[rank - 1]).square())
 
@@ -155,12 +159,12 @@ def _relative_immunization_ratio_compute(
         X64 = X.detach().reshape(X.shape[0], -1).to(F64)
         Z64 = Z.detach().reshape(Z.shape[0], -1).to(F64)
         _check_pair(Z64, X64, f"features ({side})", f"inputs ({side})")
-        input_rank = data_rank(X64)
+        sv_x, input_rank = data_singular_values(X64)
         if input_rank == 0:
             raise ValueError(f"the {side} inputs of shape {tuple(X.shape)} have rank 0.")
         rank = min(input_rank, Z64.shape[1])
-        kappas[side] = _top_kappa(Z64, rank)
-        kappas[f"{side}_reference"] = _top_kappa(X64, input_rank)
+        kappas[side] = _top_kappa(torch.linalg.svdvals(Z64), rank, Z64.shape)
+        kappas[f"{side}_reference"] = _top_kappa(sv_x, input_rank, X64.shape)
         ranks[f"rank_{side}"] = rank
         ranks[f"input_rank_{side}"] = input_rank
     out: dict[str, float | bool | int] = dict(
