@@ -93,13 +93,13 @@ def _evaluate(argv: Sequence[str]) -> int:
         parser.error("give a run folder, or both --config and --ckpt")
 
     from lightning_immunize.experiments import evaluate_checkpoint
-    from lightning_immunize.run_folder import resolve_run
+    from lightning_immunize.run_folder import checkpoint_run, resolve_run
 
     config, ckpt, report = args.config, args.ckpt, None
     if args.run is not None:
         run = resolve_run(args.run)
         config, ckpt, report = config or run.config, ckpt or run.checkpoint, run.report
-    out = Path(args.out) if args.out else Path(ckpt).resolve().parent.parent / "evaluation"
+    out = Path(args.out) if args.out else checkpoint_run(Path(ckpt).resolve()) / "evaluation"
     report_md = evaluate_checkpoint(
         config,
         ckpt,

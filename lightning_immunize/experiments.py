@@ -471,9 +471,10 @@ def evaluate_checkpoint(
     from lightning_immunize.evaluation.study import probing_study
     from lightning_immunize.evaluation.tables import evaluation_markdown
     from lightning_immunize.models import LinearExtractor
+    from lightning_immunize.run_folder import REPORT_NAME, checkpoint_run
 
     module, datamodule, theta_0 = load_trained(config, ckpt)
-    report_path = Path(run_report) if run_report else Path(ckpt).parent.parent / "immunization.json"
+    report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
     recorded = json.loads(report_path.read_text()) if report_path.is_file() else None
     check_data_fingerprint(datamodule, recorded, allow_data_mismatch)
     linear = isinstance(module.extractor, LinearExtractor)

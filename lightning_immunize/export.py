@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_immunize.run_folder import CONFIG_NAME, REPORT_NAME
+from lightning_immunize.run_folder import CONFIG_NAME, REPORT_NAME, checkpoint_run
 
 __all__ = [
     "load_checkpoint",
@@ -222,7 +222,7 @@ def _planned(config_path: Path) -> tuple[int | None, int | None]:
 def _run_progress(checkpoint: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
     """How far the fit of ``checkpoint`` (read from ``ckpt``) had got; the keys and the rule
     are those of :func:`export_checkpoint`."""
-    run = ckpt.parent.parent
+    run = checkpoint_run(ckpt)
     in_run = ckpt.parent.name == "checkpoints"  # RUN/checkpoints/x.ckpt, as a fit writes it
     steps = checkpoint.get("global_step")
     epochs = _epochs_done(checkpoint)
@@ -293,7 +293,7 @@ def export_checkpoint(
     """
     checkpoint = load_checkpoint(ckpt)
     metadata = dict(checkpoint.get("immunization", {}))
-    report_path = Path(report) if report else Path(ckpt).parent.parent / REPORT_NAME
+    report_path = Path(report) if report else checkpoint_run(ckpt) / REPORT_NAME
     if report_path.is_file():
         figures = json.loads(report_path.read_text())
         metadata.update({k: figures[k] for k in REPORT_KEYS if k in figures})

@@ -134,6 +134,11 @@ def _check_lambda(name: str, value: float) -> float:
 RANK_RULES = ("auto", "input", "tolerance")
 
 
+def _check_rank_rule(rule: str) -> None:
+    if rule not in RANK_RULES:
+        raise ValueError(f"Unknown rank_rule {rule!r}; expected one of {RANK_RULES}.")
+
+
 def input_rank(extractor: nn.Module, x: Tensor, width: int, rule: str = "auto") -> int | None:
     """How many eigenvalues of ``S = ZᵀZ`` count for the input batch ``x`` (B, ...).
 
@@ -146,8 +151,7 @@ def input_rank(extractor: nn.Module, x: Tensor, width: int, rule: str = "auto") 
     Raises:
         ValueError: for an unknown ``rule`` or a batch of rank 0.
     """
-    if rule not in RANK_RULES:
-        raise ValueError(f"Unknown rank_rule {rule!r}; expected one of {RANK_RULES}.")
+    _check_rank_rule(rule)
     if rule == "auto":
         rule = "input" if isinstance(extractor, LinearExtractor) else "tolerance"
     if rule == "tolerance":
@@ -209,8 +213,7 @@ class ConditionNumberObjective(Objective):
         self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
         if preconditioner != "auto":
             check_mode(preconditioner)
-        if rank_rule not in RANK_RULES:
-            raise ValueError(f"Unknown rank_rule {rank_rule!r}; expected one of {RANK_RULES}.")
+        _check_rank_rule(rank_rule)
         if not ridge > 0:
             raise ValueError(f"ridge must be > 0, got {ridge!r}.")
         self.preconditioner = preconditioner
@@ -498,8 +501,7 @@ class ConditionNumberOptObjective(Objective):
             lambda_pretrain = lambda_harmful = lambda_
         self.lambda_pretrain = _check_lambda("lambda_pretrain", lambda_pretrain)
         self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
-        if rank_rule not in RANK_RULES:
-            raise ValueError(f"Unknown rank_rule {rank_rule!r}; expected one of {RANK_RULES}.")
+        _check_rank_rule(rank_rule)
         self.rank_rule = rank_rule
 
     def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-__all__ = ["RunFolder", "resolve_run"]
+__all__ = ["RunFolder", "checkpoint_run", "resolve_run"]
 
 CONFIG_NAME = "config.yaml"
 REPORT_NAME = "immunization.json"
@@ -30,9 +28,10 @@ class RunFolder:
     checkpoint: Path
     report: Path | None
 
-    def read_report(self) -> dict[str, Any] | None:
-        """The run's ``immunization.json`` as a dict, ``None`` when there is none."""
-        return None if self.report is None else json.loads(self.report.read_text())
+
+def checkpoint_run(ckpt: str | Path) -> Path:
+    """The run folder a checkpoint at ``RUN/checkpoints/name.ckpt`` belongs to (``RUN``)."""
+    return Path(ckpt).parent.parent
 
 
 def resolve_run(path: str | Path) -> RunFolder:

@@ -69,7 +69,6 @@ EVAL_MODES: tuple[str, ...] = ("max_size", "min_size", "max_size_cycle")
 TASKS: tuple[str, ...] = ("regression", "binary", "multiclass")
 #: Splits understood by :meth:`PairedDataModule.full_tensors`.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-#: Keys of the batch dict, in order.
 #: Environment variable in which ``seed_everything`` exports the global seed.
 GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"
 
@@ -246,9 +245,6 @@ class PairedDataModule(LightningDataModule):
         not in ``__init__``, so that a ``seed_everything`` between construction and ``fit``
         counts; then kept, so datasets and every epoch's loaders agree.
         """
-        return self._resolve_seed()
-
-    def _resolve_seed(self) -> int:
         if self._resolved_seed is None:
             self._resolved_seed = self._current_seed()
         return self._resolved_seed
@@ -268,7 +264,7 @@ class PairedDataModule(LightningDataModule):
     def _ensure_built(self) -> None:
         if self._built:
             return
-        self._resolve_seed()  # the datasets (seeded draws) are built with it
+        self.resolved_seed  # noqa: B018 - fixes the seed the datasets' seeded draws use
         self._build()
         self._validate_datasets()
         self._built = True
@@ -282,7 +278,6 @@ class PairedDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolves the data seed (:attr:`resolved_seed`) and builds the datasets once (all
         stages share them)."""
-        self._resolve_seed()
         self._ensure_built()
 
     # ------------------------------------------------------------------ metadata
