@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,14 @@ from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.export import load_checkpoint
 from lightning_immunize.module import ImmunizationModule
 
-__all__ = ["ImmunizationCLI", "instantiate", "known_noise_filtered", "load_trained"]
+__all__ = [
+    "ImmunizationCLI",
+    "TrainedRun",
+    "instantiate",
+    "known_noise_filtered",
+    "load_run",
+    "load_trained",
+]
 
 #: Lightning warnings that say nothing about a lightning-immunize run: the CSV logger is our
 #: choice (no TensorBoard needed), a run without a validation split has an empty loader list,
@@ -137,23 +145,46 @@ def _buildable_config(config: str | Path, folder: Path) -> Path:
     return path
 
 
-def load_trained(
-    config: str | Path, ckpt: str | Path
-) -> tuple[ImmunizationModule, PairedDataModule, torch.nn.Module]:
-    """``(module, datamodule, θ_0)`` from a run's config and checkpoint.
+@dataclass
+class TrainedRun:
+    """A trained run restored: the module (θ_I), its data module, and θ_0 with its head."""
 
-    ``θ_0`` is the extractor as the config builds it before training (pretrained weights or
-    its checkpoint path), used as the reference of a non-linear extractor. The module takes the
-    checkpoint's dtype (float64 for the linear configs) before its weights are loaded.
-    """
+    module: ImmunizationModule
+    datamodule: PairedDataModule
+    theta_0: torch.nn.Module
+    theta_0_head: torch.nn.Module | None
+
+
+def load_run(config: str | Path, ckpt: str | Path) -> TrainedRun:
+    """A run's module with the checkpoint's weights, and θ_0 (``PretrainFromScratch``'s cached
+    network when the config trains θ_0 from scratch, else the extractor as the config builds
+    it: pretrained weights or its checkpoint path)."""
+    from lightning_immunize.callbacks.pretrain import PretrainFromScratch
+
     with tempfile.TemporaryDirectory() as tmp:
         buildable = _buildable_config(config, Path(tmp))
         cli = instantiate(["--config", str(buildable), "--trainer.logger", "false"])
     module, datamodule = cli.model, cli.datamodule
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, PretrainFromScratch):
+            callback.apply(module, datamodule)
     reference = copy.deepcopy(module.extractor).eval()
+    head = copy.deepcopy(module.head).eval() if module.head is not None else None
     state = load_checkpoint(ckpt)["state_dict"]
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     module = module.to(dtype)
     module.load_state_dict(state)
     module.eval()
-    return module, datamodule, reference
+    return TrainedRun(module, datamodule, reference, head)
+
+
+def load_trained(
+    config: str | Path, ckpt: str | Path
+) -> tuple[ImmunizationModule, PairedDataModule, torch.nn.Module]:
+    """``(module, datamodule, θ_0)`` from a run's config and checkpoint (see :func:`load_run`).
+
+    The module takes the checkpoint's dtype (float64 for the linear configs) before its
+    weights are loaded.
+    """
+    run = load_run(config, ckpt)
+    return run.module, run.datamodule, run.theta_0

@@ -2,6 +2,7 @@
 
     lightning-immunize fit --config configs/digits.yaml [--trainer.default_root_dir DIR]
     lightning-immunize export --ckpt RUN/checkpoints/last.ckpt --out model.safetensors
+    lightning-immunize attack RUN --budget quick
 
 At the end of ``fit`` the relative immunization ratio (Eq. 15) is computed on the training
 split, printed, and written to ``immunization.json`` in the run's log directory.
@@ -160,20 +161,94 @@ def _reproduce(argv: Sequence[str]) -> int:
     return 0
 
 
+def _attack(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-immunize attack",
+        description="Durability report card of a run: worst-case attacker searches (probe, "
+        "whitened probe, fine-tuning, LoRA) against the immunized model, θ_0 and a model from "
+        "scratch, reported by resistance, stability, generalization and trainability. "
+        "Resumable: run the same command again after an interruption.",
+    )
+    parser.add_argument(
+        "run",
+        nargs="?",
+        help="the run folder (lightning_logs/version_N): its saved config and last checkpoint",
+    )
+    parser.add_argument("--config", help="a YAML config instead of the run's own")
+    parser.add_argument("--ckpt", help="a checkpoint instead of the run's last one")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: <run>/attack-<budget>)"
+    )
+    parser.add_argument(
+        "--budget", default="standard", help="quick, standard or long (or one of --budgets)"
+    )
+    parser.add_argument(
+        "--budgets", default=None, help="budgets file (default configs/attack.yaml)"
+    )
+    parser.add_argument(
+        "--families", default=None, help="comma-separated attacker families (default: the budget's)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL shared by several machines (default: SQLite in --out)",
+    )
+    parser.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="attack on data whose fingerprint differs from the run's training data",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    if args.run is None and not (args.config and args.ckpt):
+        parser.error("give a run folder, or both --config and --ckpt")
+
+    from lightning_immunize.attacks.budgets import DEFAULT_BUDGETS, load_budget
+
+    load_budget(args.budget, args.budgets or DEFAULT_BUDGETS)  # a bad name fails before loading
+
+    from lightning_immunize.experiments import attack_checkpoint
+    from lightning_immunize.run_folder import checkpoint_run, resolve_run
+
+    config, ckpt, report = args.config, args.ckpt, None
+    if args.run is not None:
+        run = resolve_run(args.run)
+        config, ckpt, report = config or run.config, ckpt or run.checkpoint, run.report
+    default_out = checkpoint_run(Path(ckpt).resolve()) / f"attack-{args.budget}"
+    card = attack_checkpoint(
+        config,
+        ckpt,
+        Path(args.out) if args.out else default_out,
+        budget=args.budget,
+        budgets_path=args.budgets,
+        families=args.families.split(",") if args.families else None,
+        storage=args.storage,
+        run_report=report,
+        allow_data_mismatch=args.allow_data_mismatch,
+        progress=not args.no_progress,
+        command=shlex.join(["lightning-immunize", "attack", *argv]),
+    )
+    print(f"wrote {card}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "attack": _attack,
     "export": _export,
     "evaluate": _evaluate,
     "reproduce": _reproduce,
 }
 
 
-USAGE = f"""usage: lightning-immunize {{fit,validate,test,evaluate,export,reproduce}} ... [--debug]
+USAGE = f"""usage: lightning-immunize {{fit,validate,test,evaluate,attack,export,reproduce}} ...
+                          [--debug]
 
 {DESCRIPTION}
 
   fit                train (immunize) a model from a YAML config: --config configs/<name>.yaml
   validate, test     LightningCLI's own subcommands on the same configs
   evaluate           ratios, probing attackers and figures of a run folder (or --config --ckpt)
+  attack             durability report card: worst-case attackers against a run (resumable)
   export             write a run's immunized extractor as .safetensors, with its figures
   reproduce          the paper's protocols for several methods and seeds (resumable)
 

@@ -208,6 +208,8 @@ class PairedDataModule(LightningDataModule):
         self.drop_last = drop_last
         self.pretrain = pretrain
         self.harmful = harmful
+        #: D_H samples withheld from immunization (for the durability card's generalization).
+        self.withheld_harmful: Dataset | None = None
         self.val_pretrain = val_pretrain
         self.val_harmful = val_harmful
         self.test_pretrain = test_pretrain

@@ -248,6 +248,9 @@ class MNISTHalvesDataModule(PairedDataModule):
         split_seed: seed of the train/held-out draw; fixed (0), independent of ``seed`` and
             of the global seed, so every run is measured on the same held-out images.
         max_samples: optional cap on each side's count before the split (short runs, CI).
+        withhold_harmful: fraction of D_H's training part withheld from immunization, in
+            [0, 1): those samples are in ``withheld_harmful``, never in a training batch, so
+            an attacker can be measured on harmful samples the immunization never saw.
         batch_size: per-side batch size (>= 2).
         seed: seed of the training shuffles only (not of the held-out split). Default: the
             global seed (``seed_everything``, env ``PL_GLOBAL_SEED``), else 0.
@@ -274,6 +277,7 @@ class MNISTHalvesDataModule(PairedDataModule):
         holdout_fraction: float = 0.2,
         split_seed: int = 0,
         max_samples: int | None = None,
+        withhold_harmful: float = 0.0,
         batch_size: int = 64,
         seed: int | None = None,
         mean: float = MNIST_MEAN,
@@ -295,6 +299,8 @@ class MNISTHalvesDataModule(PairedDataModule):
             )
         if not 0.0 < holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+        if not 0.0 <= withhold_harmful < 1.0:
+            raise ValueError(f"withhold_harmful must be in [0, 1), got {withhold_harmful!r}")
         if max_samples is not None and max_samples < 4:
             raise ValueError(f"max_samples must be >= 4 (or None), got {max_samples!r}")
         if not std > 0:
@@ -315,6 +321,7 @@ class MNISTHalvesDataModule(PairedDataModule):
         self.holdout_fraction = holdout_fraction
         self.split_seed = split_seed
         self.max_samples = max_samples
+        self.withhold_harmful = withhold_harmful
         self.mean, self.std = mean, std
         self.num_classes_pretrain = len(p_digits)
         self.num_classes_harmful = len(h_digits)
@@ -341,3 +348,8 @@ class MNISTHalvesDataModule(PairedDataModule):
         images, labels = load_mnist_idx(self.root, self.split)
         self.pretrain, self.val_pretrain = self._side(images, labels, self.pretrain_digits, 0)
         self.harmful, self.val_harmful = self._side(images, labels, self.harmful_digits, 1)
+        n_withheld = round(self.withhold_harmful * len(self.harmful))
+        if n_withheld:
+            x, y = self.harmful.tensors
+            self.withheld_harmful = TensorDataset(x[:n_withheld], y[:n_withheld])
+            self.harmful = TensorDataset(x[n_withheld:], y[n_withheld:])

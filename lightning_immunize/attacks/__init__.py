@@ -1,0 +1,1 @@
+"""Worst-case attacker sweeps (durability report card)."""

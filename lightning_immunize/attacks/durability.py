@@ -1,0 +1,104 @@
+"""A durability report card from models and data: plan, run the worst-case searches, write
+``trials.csv``, ``card.json``, ``card.md``, ``effort.png`` and ``search.png``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_immunize.attacks.budgets import Budget
+from lightning_immunize.attacks.card import build_card, card_markdown
+from lightning_immunize.attacks.families import supported_families
+from lightning_immunize.attacks.figures import plot_effort, plot_search
+from lightning_immunize.attacks.sweep import TRIALS_NAME, AttackTasks, plan_studies, run_studies
+from lightning_immunize.models import LinearExtractor
+
+CARD_NAME = "card.md"
+
+
+def default_families(model: nn.Module, budget: Budget) -> tuple[str, ...]:
+    """The budget's families for this kind of model (``deep`` or ``linear``)."""
+    kind = "linear" if isinstance(model, LinearExtractor) else "deep"
+    if kind not in budget.families:
+        raise ValueError(f"budget {budget.name!r} lists no families for {kind} models")
+    return budget.families[kind]
+
+
+def read_trials(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def durability_card(
+    models: dict[str, nn.Module],
+    tasks: AttackTasks,
+    budget: Budget,
+    out: str | Path,
+    families: Sequence[str] | None = None,
+    storage: str | None = None,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``budget``'s worst-case searches on ``models`` and write the card into ``out``.
+
+    Args:
+        models: ``{"immunized": θ_I, "reference": θ_0, "scratch": random weights}`` extractors
+            (``scratch`` optional: linear protocols have none).
+        tasks: the conditions' data (:class:`AttackTasks`).
+        families: attacker families (default: the budget's for this kind of model).
+        storage: an Optuna RDB URL shared by several machines (default: SQLite in ``out``).
+        meta: extra fields for ``card.json`` (config, checkpoint, command).
+
+    Returns:
+        The card (also in ``<out>/card.json``).
+
+    Raises:
+        ValueError: before any trial, for a family a model cannot support, a data budget
+            larger than the data, or a split smaller than a batch size of the search space.
+    """
+    if "immunized" not in models or "reference" not in models:
+        raise ValueError(f"models must hold 'immunized' and 'reference', got {sorted(models)}")
+    families = tuple(families or default_families(models["immunized"], budget))
+    for family in families:
+        for name, model in models.items():
+            if family not in supported_families(model):
+                raise ValueError(
+                    f"attacker family {family!r} cannot attack the {name} model "
+                    f"({type(model).__name__}); it supports {list(supported_families(model))}"
+                )
+    notes: list[str] = []
+    studies = plan_studies(models, tasks, budget, families, notes)
+    out = Path(out)
+    start = time.perf_counter()
+    run_studies(models, studies, budget, out, storage=storage, progress=progress)
+    seconds = time.perf_counter() - start
+    rows = read_trials(out / TRIALS_NAME)
+    metrics = {"resistance": tasks.harmful.metric_name}
+    if tasks.harmful_unseen is not None:
+        metrics["generalization"] = tasks.harmful_unseen.metric_name
+    if tasks.benign is not None:
+        metrics["trainability"] = tasks.benign.metric_name
+    info = {
+        "budget": budget.name,
+        "trials_per_study": budget.trials,
+        "horizon": budget.horizon,
+        "search_space": budget.space.__dict__,
+        **(meta or {}),
+    }
+    card = build_card(rows, metrics, tasks.stability, notes, info)
+    (out / "card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    figures = {}
+    if plot_effort(card, out / "effort.png") is not None:
+        figures["Worst-case harmful score against attacker steps"] = "effort.png"
+    higher = tasks.harmful.higher_is_better
+    if plot_search(rows, out / "search.png", higher) is not None:
+        figures["Best-so-far search objective against trial"] = "search.png"
+    card_md = card_markdown({**card, "seconds": seconds}, figures)
+    (out / CARD_NAME).write_text(card_md + "\n")
+    return card

@@ -1,0 +1,152 @@
+"""Worst-case attacker search: a seeded Optuna TPE study per (model, family), stored in an
+RDB (SQLite by default) so an interrupted sweep resumes without repeating a finished trial.
+
+Trial ``k`` of every study draws from a sampler seeded with ``space.seed + k`` over the
+study's ``k`` finished trials, and its attacker's seed is :func:`trial_seed` ``(space.seed,
+k)``: a study resumed after an interruption proposes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lightning_immunize.attacks.attacker import Attacker, AttackResult
+from lightning_immunize.attacks.budgets import SearchSpace
+from lightning_immunize.attacks.families import FULL_BATCH_FAMILIES
+
+
+def trial_seed(space_seed: int, index: int) -> int:
+    """The attacker seed of trial ``index`` (the same for every model compared)."""
+    return 1_000 * space_seed + index
+
+
+def sqlite_url(path) -> str:
+    """An SQLAlchemy URL for an SQLite file."""
+    return f"sqlite:///{path}"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A finished trial: its index within the study, attacker and scores."""
+
+    index: int
+    attacker: Attacker
+    result: AttackResult
+    objective: float
+
+
+def search_objective(result: AttackResult, higher_is_better: bool) -> float:
+    """The value the attacker optimises: the mean score over the step marks, a diverged mark
+    counted as the worst score (0 accuracy, or the largest MSE seen, or 1e30)."""
+    finite = [s for s in result.scores if math.isfinite(s)]
+    if higher_is_better:
+        worst = 0.0
+    else:
+        worst = max(finite) if finite else 1e30
+    return sum(s if math.isfinite(s) else worst for s in result.scores) / len(result.scores)
+
+
+def suggest_attacker(trial, space: SearchSpace, family: str, horizon: int, seed: int) -> Attacker:
+    """The attacker an Optuna ``trial`` proposes in ``space`` (full-batch families search
+    the learning rate only)."""
+    lr = trial.suggest_float("lr", space.lr_low, space.lr_high, log=True)
+    if family in FULL_BATCH_FAMILIES:
+        return Attacker(family, space.optimizers[0], lr, max(space.batch_sizes), horizon, seed)
+    optimizer = trial.suggest_categorical("optimizer", list(space.optimizers))
+    batch_size = trial.suggest_categorical("batch_size", list(space.batch_sizes))
+    return Attacker(family, optimizer, lr, int(batch_size), horizon, seed)
+
+
+def _storage(url: str):
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
+def finished_trials(storage, study_name: str) -> list[TrialRecord]:
+    """The finished trials of a study, in order (an absent study has none)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return []
+    records = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        a = t.user_attrs["attacker"]
+        attacker = Attacker(
+            a["family"], a["optimizer"], a["lr"], a["batch_size"], a["horizon"], a["seed"]
+        )
+        r = t.user_attrs["result"]
+        result = AttackResult(r["marks"], r["scores"], r["seconds"], r["diverged_at"])
+        records.append(TrialRecord(t.user_attrs["index"], attacker, result, t.value))
+    records.sort(key=lambda rec: rec.index)
+    seen, unique = set(), []
+    for rec in records:  # two machines may finish the same index: keep the first
+        if rec.index not in seen:
+            seen.add(rec.index)
+            unique.append(rec)
+    return unique
+
+
+def worst_case_search(
+    storage,
+    study_name: str,
+    attack: Callable[[Attacker], AttackResult],
+    space: SearchSpace,
+    family: str,
+    horizon: int,
+    trials: int,
+    higher_is_better: bool,
+    on_trial: Callable[[TrialRecord], None] | None = None,
+) -> list[TrialRecord]:
+    """Run the study ``study_name`` until it holds ``trials`` finished trials.
+
+    Args:
+        storage: an Optuna storage or its URL (``sqlite:///…``, ``postgresql://…``).
+        attack: runs one attacker (:func:`~lightning_immunize.attacks.attacker.run_attack`
+            bound to a model and its data).
+        on_trial: called after each new finished trial (progress bars).
+
+    Returns:
+        The first ``trials`` finished trials, in index order.
+    """
+    import optuna
+
+    storage = _storage(storage) if isinstance(storage, str) else storage
+    direction = "maximize" if higher_is_better else "minimize"
+    while True:
+        done = finished_trials(storage, study_name)
+        if len(done) >= trials:
+            return done[:trials]
+        index = len(done)
+        sampler = optuna.samplers.TPESampler(
+            seed=space.seed + index, n_startup_trials=space.startup_trials
+        )
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler,
+            direction=direction,
+            load_if_exists=True,
+        )
+        trial = study.ask()
+        attacker = suggest_attacker(trial, space, family, horizon, trial_seed(space.seed, index))
+        result = attack(attacker)
+        value = search_objective(result, higher_is_better)
+        trial.set_user_attr("index", index)
+        trial.set_user_attr("attacker", attacker.as_row())
+        trial.set_user_attr(
+            "result",
+            {
+                "marks": result.marks,
+                "scores": result.scores,
+                "seconds": result.seconds,
+                "diverged_at": result.diverged_at,
+            },
+        )
+        study.tell(trial, value)
+        if on_trial is not None:
+            on_trial(TrialRecord(index, attacker, result, value))

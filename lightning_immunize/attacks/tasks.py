@@ -1,0 +1,96 @@
+"""The data and models of a card, from a paired data module and a released model.
+
+- resistance: the attacker trains on D_H's training split (the samples the immunization saw)
+  and is scored on part of D_H's held-out split;
+- generalization: it trains on D_H samples the immunization never saw — the data module's
+  ``withheld_harmful`` samples when it withheld some, else the other part of the held-out
+  split — scored on the same samples;
+- trainability: a benign task — D_P's images relabelled by the parity of their class for
+  multi-class D_P (a new task on the defender's data), else D_P's own task;
+- the ``scratch`` model: the architecture of θ_0 with freshly initialised weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_immunize.attacks.attacker import AttackData
+from lightning_immunize.attacks.sweep import AttackTasks
+
+
+def random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with every layer re-initialised (``reset_parameters``), seeded;
+    which parameters are trainable is kept."""
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return fresh
+
+
+def _limit(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+def _stack(dataset) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack(
+        [torch.as_tensor(y) for y in ys]
+    )
+
+
+def _num_outputs(task: str, num_classes: int | None) -> int:
+    if task == "multiclass":
+        if not num_classes or num_classes < 2:
+            raise ValueError(f"a multiclass task needs num_classes >= 2, got {num_classes!r}")
+        return int(num_classes)
+    return 1
+
+
+def attack_tasks(
+    datamodule: Any,
+    eval_samples: int | None = None,
+    seed: int = 0,
+    stability: dict[str, float] | None = None,
+) -> AttackTasks:
+    """The card's data from a paired data module (its ``full_tensors`` train and val splits).
+
+    ``eval_samples`` caps the scoring samples (first ones of a ``seed``-ed permutation).
+    """
+    datamodule.setup("fit")
+    x_p, y_p, x_h, y_h = datamodule.full_tensors("train")
+    xv_p, yv_p, xv_h, yv_h = datamodule.full_tensors("val")
+    task = datamodule.task
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(xv_h.shape[0], generator=generator)
+    withheld = getattr(datamodule, "withheld_harmful", None)
+    if withheld is not None and len(withheld) > 0:
+        score_idx, unseen = order, _stack(withheld)
+    else:
+        half = xv_h.shape[0] // 2
+        score_idx = order[:half]
+        unseen = (xv_h[order[half:]], yv_h[order[half:]])
+    score_x, score_y = _limit(xv_h[score_idx], yv_h[score_idx], eval_samples)
+    outputs_h = _num_outputs(task, getattr(datamodule, "num_classes_harmful", None))
+    harmful = AttackData("harmful", x_h, y_h, score_x, score_y, task, outputs_h)
+    harmful_unseen = AttackData("harmful-unseen", *unseen, score_x, score_y, task, outputs_h)
+
+    classes_p = getattr(datamodule, "num_classes_pretrain", None)
+    order_p = torch.randperm(xv_p.shape[0], generator=generator)
+    bx, by = _limit(xv_p[order_p], yv_p[order_p], eval_samples)
+    if task == "multiclass" and classes_p and classes_p >= 3:
+        benign = AttackData(
+            "benign-parity", x_p, (y_p % 2).float(), bx, (by % 2).float(), "binary", 1
+        )
+    else:
+        benign = AttackData(
+            "benign-pretrain", x_p, y_p, bx, by, task, _num_outputs(task, classes_p)
+        )
+    return AttackTasks(harmful, harmful_unseen, benign, stability)
