@@ -527,10 +527,9 @@ def attack_checkpoint(
 
     from lightning_immunize.attacks.budgets import DEFAULT_BUDGETS, load_budget
     from lightning_immunize.attacks.durability import CARD_NAME, durability_card
-    from lightning_immunize.attacks.tasks import attack_tasks, random_weights
+    from lightning_immunize.attacks.tasks import attack_tasks, released_models
     from lightning_immunize.build import load_run
     from lightning_immunize.evaluation.report import check_data_fingerprint, task_metric
-    from lightning_immunize.models import LinearExtractor
     from lightning_immunize.run_folder import REPORT_NAME, checkpoint_run
 
     chosen = load_budget(budget, budgets_path or DEFAULT_BUDGETS)
@@ -539,18 +538,12 @@ def attack_checkpoint(
     report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
     recorded = json.loads(report_path.read_text()) if report_path.is_file() else None
     check_data_fingerprint(run.datamodule, recorded, allow_data_mismatch)
-    immunized = run.module.extractor
     stability = {"immunized": task_metric(run.module, run.datamodule).get("task_metric")}
-    if isinstance(immunized, LinearExtractor):
-        width = immunized.linear.in_features
-        reference = LinearExtractor(width, width, init="identity").to(torch.float64)
-        models = {"immunized": immunized, "reference": reference}
-    else:
+    models = released_models(run.module.extractor, run.theta_0, chosen.space.seed)
+    if "scratch" in models:
         holder = torch.nn.Module()
         holder.extractor, holder.head = run.theta_0, run.theta_0_head
         stability["reference"] = task_metric(holder, run.datamodule).get("task_metric")
-        scratch = random_weights(run.theta_0, chosen.space.seed)
-        models = {"immunized": immunized, "reference": run.theta_0, "scratch": scratch}
     tasks = attack_tasks(run.datamodule, chosen.eval_samples, chosen.space.seed, stability)
     meta = {"config": str(config), "checkpoint": str(ckpt)}
     if command:

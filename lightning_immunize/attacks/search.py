@@ -122,8 +122,10 @@ def worst_case_search(
         if len(done) >= trials:
             return done[:trials]
         index = len(done)
+        # No constant liar: a trial left RUNNING by a killed process must not change what
+        # later trials draw, or a resumed study would differ from an uninterrupted one.
         sampler = optuna.samplers.TPESampler(
-            seed=space.seed + index, n_startup_trials=space.startup_trials
+            seed=space.seed + index, n_startup_trials=space.startup_trials, constant_liar=False
         )
         study = optuna.create_study(
             study_name=study_name,

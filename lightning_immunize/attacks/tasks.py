@@ -94,3 +94,24 @@ def attack_tasks(
             "benign-pretrain", x_p, y_p, bx, by, task, _num_outputs(task, classes_p)
         )
     return AttackTasks(harmful, harmful_unseen, benign, stability)
+
+
+def released_models(
+    immunized: nn.Module, theta_0: nn.Module | None, seed: int = 0
+) -> dict[str, nn.Module]:
+    """The models a card compares: ``immunized``; ``reference`` (θ_0, or for a linear
+    extractor the identity of its width, float64); ``scratch`` (θ_0's architecture with
+    random weights; deep nets only)."""
+    from lightning_immunize.models import LinearExtractor
+
+    if isinstance(immunized, LinearExtractor):
+        width = immunized.linear.in_features
+        reference = LinearExtractor(width, width, init="identity").to(torch.float64)
+        return {"immunized": immunized, "reference": reference}
+    if theta_0 is None:
+        raise ValueError("a deep extractor's card needs θ_0 (the extractor before immunization)")
+    return {
+        "immunized": immunized,
+        "reference": theta_0,
+        "scratch": random_weights(theta_0, seed),
+    }

@@ -20,6 +20,7 @@ _EXPORTS = {
     "ProbingCallback": "probing",
     "PretrainFromScratch": "pretrain",
     "LastCheckpoint": "last_checkpoint",
+    "DurabilityCard": "durability",
 }
 #: Functions this package exported before they moved to ``lightning_immunize.evaluation``;
 #: still reachable here, with a DeprecationWarning, until the next release.
