@@ -64,12 +64,8 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
-def _evaluate(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-immunize evaluate",
-        description="Ratios, probing-attacker table and norm-ratio figures of a run "
-        "(report.md beside the PNGs).",
-    )
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """A run folder, or ``--config`` and ``--ckpt`` (each overriding the run's own)."""
     parser.add_argument(
         "run",
         nargs="?",
@@ -77,6 +73,26 @@ def _evaluate(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--config", help="a YAML config instead of the run's own")
     parser.add_argument("--ckpt", help="a checkpoint instead of the run's last one")
+
+
+def _resolve_run_arguments(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    """``(config, checkpoint, immunization.json or None)`` from :func:`_add_run_arguments`."""
+    from lightning_immunize.run_folder import resolve_run
+
+    config, ckpt, report = args.config, args.ckpt, None
+    if args.run is not None:
+        run = resolve_run(args.run)
+        config, ckpt, report = config or run.config, ckpt or run.checkpoint, run.report
+    return config, ckpt, report
+
+
+def _evaluate(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-immunize evaluate",
+        description="Ratios, probing-attacker table and norm-ratio figures of a run "
+        "(report.md beside the PNGs).",
+    )
+    _add_run_arguments(parser)
     parser.add_argument("--out", default=None, help="output folder (default: <run>/evaluation)")
     parser.add_argument("--steps", type=int, default=200, help="attacker steps T (default 200)")
     parser.add_argument("--tol", type=float, default=1e-3, help="norm-ratio tolerance")
@@ -94,12 +110,9 @@ def _evaluate(argv: Sequence[str]) -> int:
         parser.error("give a run folder, or both --config and --ckpt")
 
     from lightning_immunize.experiments import evaluate_checkpoint
-    from lightning_immunize.run_folder import checkpoint_run, resolve_run
+    from lightning_immunize.run_folder import checkpoint_run
 
-    config, ckpt, report = args.config, args.ckpt, None
-    if args.run is not None:
-        run = resolve_run(args.run)
-        config, ckpt, report = config or run.config, ckpt or run.checkpoint, run.report
+    config, ckpt, report = _resolve_run_arguments(args)
     out = Path(args.out) if args.out else checkpoint_run(Path(ckpt).resolve()) / "evaluation"
     report_md = evaluate_checkpoint(
         config,
@@ -169,13 +182,7 @@ def _attack(argv: Sequence[str]) -> int:
         "scratch, reported by resistance, stability, generalization and trainability. "
         "Resumable: run the same command again after an interruption.",
     )
-    parser.add_argument(
-        "run",
-        nargs="?",
-        help="the run folder (lightning_logs/version_N): its saved config and last checkpoint",
-    )
-    parser.add_argument("--config", help="a YAML config instead of the run's own")
-    parser.add_argument("--ckpt", help="a checkpoint instead of the run's last one")
+    _add_run_arguments(parser)
     parser.add_argument(
         "--out", default=None, help="output folder (default: <run>/attack-<budget>)"
     )
@@ -208,12 +215,9 @@ def _attack(argv: Sequence[str]) -> int:
     load_budget(args.budget, args.budgets or DEFAULT_BUDGETS)  # a bad name fails before loading
 
     from lightning_immunize.experiments import attack_checkpoint
-    from lightning_immunize.run_folder import checkpoint_run, resolve_run
+    from lightning_immunize.run_folder import checkpoint_run
 
-    config, ckpt, report = args.config, args.ckpt, None
-    if args.run is not None:
-        run = resolve_run(args.run)
-        config, ckpt, report = config or run.config, ckpt or run.checkpoint, run.report
+    config, ckpt, report = _resolve_run_arguments(args)
     default_out = checkpoint_run(Path(ckpt).resolve()) / f"attack-{args.budget}"
     card = attack_checkpoint(
         config,

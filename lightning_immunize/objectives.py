@@ -602,12 +602,27 @@ class IMMAObjective(Objective):
         return head.loss(output, y)
 
 
+def _attacker_aware(class_name: str) -> Callable[..., Objective]:
+    """Builds :mod:`lightning_immunize.attacker_aware`'s ``class_name``, importing that module
+    at the first build: it subclasses :class:`Objective`, so a top-level import is a cycle."""
+
+    def build(**kwargs: Any) -> Objective:
+        from lightning_immunize import attacker_aware
+
+        return getattr(attacker_aware, class_name)(**kwargs)
+
+    build.__name__ = build.__qualname__ = class_name
+    return build
+
+
 #: Objectives selectable by name (``method:`` in configs).
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "ours": ConditionNumberObjective,
     "rmax_only": RMaxOnlyObjective,
     "opt": ConditionNumberOptObjective,
     "imma": IMMAObjective,
+    "sophon": _attacker_aware("SimulatedAttackObjective"),
+    "tar": _attacker_aware("TamperResistanceObjective"),
 }
 
 

@@ -96,6 +96,7 @@ class ProbeTrajectory:
         steps_to_tolerance: first ``t`` with ``norm_ratio[t] ≤ tolerance``, ``None`` if never.
         tolerance: the tolerance used.
         cap: ``T``, the number of steps run.
+        iterates: ``(T+1, K[, C])`` float64 weights ``w_0 … w_T`` when asked for, else ``None``.
     """
 
     name: str
@@ -104,6 +105,7 @@ class ProbeTrajectory:
     steps_to_tolerance: int | None
     tolerance: float
     cap: int
+    iterates: Tensor | None = None
 
     def progress(self, t: int) -> float:
         """``1 − norm_ratio[t]``, with ``t`` clamped to ``[0, T]``."""
@@ -201,6 +203,7 @@ def _trajectory(
     y: Tensor,
     steps: int,
     tol: float,
+    keep_iterates: bool = False,
 ) -> ProbeTrajectory:
     """Build the curve from iterates ``w_0 … w_t`` (padded with the last one to ``steps+1``)."""
     iterates = list(iterates)
@@ -222,6 +225,7 @@ def _trajectory(
         steps_to_tolerance=first,
         tolerance=float(tol),
         cap=int(steps),
+        iterates=W.cpu() if keep_iterates else None,
     )
 
 
@@ -235,9 +239,15 @@ def _gradient(Z: Tensor, y: Tensor, w: Tensor) -> Tensor:
 
 
 def gd_exact_line_search(
-    Z: Tensor, y: Tensor, steps: int = 200, tol: float = 1e-3, w0: Tensor | None = None
+    Z: Tensor,
+    y: Tensor,
+    steps: int = 200,
+    tol: float = 1e-3,
+    w0: Tensor | None = None,
+    keep_iterates: bool = False,
 ) -> ProbeTrajectory:
-    """Gradient descent with exact line search on ``L`` (Eq. 16).
+    """Gradient descent with exact line search on ``L`` (Eq. 16); ``keep_iterates`` keeps
+    the weights of every step in the trajectory.
 
     ``η_t = ⟨g_t, g_t⟩ / ⟨g_t, H g_t⟩`` with ``⟨g, H g⟩ = (2/N) ‖Z g‖²_F``. Stops early only if the
     gradient is exactly zero (the curve is then padded with its last value).
@@ -258,7 +268,7 @@ def gd_exact_line_search(
             break
         w = w - (gg / gHg) * g
         iterates.append(w.clone())
-    return _trajectory("gd_exact", iterates, w_star, Z, y, steps, tol)
+    return _trajectory("gd_exact", iterates, w_star, Z, y, steps, tol, keep_iterates)
 
 
 def gd_fixed_step(

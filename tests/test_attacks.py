@@ -169,6 +169,7 @@ def test_worst_case_and_advantage_removed():
     assert advantage_removed(0.9, 0.9, 0.5) == 0.0
     assert advantage_removed(0.9, 0.5, 0.5) == 1.0
     assert advantage_removed(0.9, 0.7, 0.895) is None  # θ_0 has no advantage over scratch
+    assert advantage_removed(0.767, 0.762, 0.753) is None  # a 0.014 gap: trial noise
     assert advantage_removed(0.9, 0.7, None) is None
 
 
@@ -422,3 +423,35 @@ def test_withheld_harmful_samples_never_reach_a_training_batch():
     assert torch.equal(tasks.harmful.train_x, x_kept)
     with pytest.raises(ValueError, match=r"withhold_harmful must be in \[0, 1\), got 1.0"):
         MNISTHalvesDataModule(MNIST, withhold_harmful=1.0)
+
+
+def _linear_binary_data() -> AttackData:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 6)
+    y = (x @ w > 0).double()
+    return AttackData("h", x[:150], y[:150], x[150:], y[150:], "binary", 1)
+
+
+def test_gd_exact_is_the_papers_attacker_and_needs_one_trial(tmp_path):
+    from lightning_immunize.probing import least_squares_solution
+
+    data = _linear_binary_data()
+    identity = LinearExtractor(6, 6, init="identity").double()
+    result = run_attack(identity, data, Attacker("gd-exact", "sgd", 1.0, 32, 3000))
+    w_star = least_squares_solution(data.train_x, 2 * data.train_y - 1)
+    closed_form = float(((data.eval_x @ w_star > 0) == (data.eval_y > 0.5)).double().mean())
+    assert result.scores[-1] == pytest.approx(closed_form)
+    models = {"immunized": identity, "reference": LinearExtractor(6, 6, init="identity").double()}
+    budget = _tiny_budget(trials=3, horizon=30)
+    card = durability_card(models, AttackTasks(data), budget, tmp_path,
+                           families=["probe", "gd", "gd-exact"], progress=False)  # fmt: skip
+    rows = read_trials(tmp_path / "trials.csv")
+    counts = {(r["model"], r["family"]): 0 for r in rows}
+    for r in rows:
+        counts[(r["model"], r["family"])] += 1
+    assert counts == {(m, f): (1 if f == "gd-exact" else 3) for m in models
+                      for f in ("probe", "gd", "gd-exact")}  # fmt: skip
+    entry = card["resistance"]["all"]["gd-exact"]
+    assert "scratch" not in entry and entry["advantage_removed"] is None
+    assert entry["immunized"]["worst_case"] == entry["reference"]["worst_case"]

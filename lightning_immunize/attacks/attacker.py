@@ -23,7 +23,9 @@ from lightning_immunize.attacks.families import (
     prepare_features,
     prepare_network,
 )
+from lightning_immunize.evaluation.study import probe_targets
 from lightning_immunize.models import LinearHead
+from lightning_immunize.probing import gd_exact_line_search
 
 #: Optimizers an attacker may use (SGD with momentum 0.9, or AdamW with torch's defaults).
 OPTIMIZERS = ("sgd", "adamw")
@@ -124,7 +126,8 @@ class Attacker:
 
     ``seed`` fixes the fresh head's initial weights and the batch order, so a trial is
     reproducible from its row in ``trials.csv``. Full-batch families (``gd``, ``adam``)
-    ignore ``batch_size`` and ``optimizer`` (plain GD and Adam on every sample).
+    ignore ``batch_size`` and ``optimizer`` (plain GD and Adam on every sample); ``gd-exact``
+    ignores ``lr`` too (its step is the exact line search's).
     """
 
     family: str
@@ -227,6 +230,8 @@ def _attack(
     extractor: nn.Module, data: AttackData, attacker: Attacker, feature_cache: dict | None
 ) -> AttackResult:
     start = time.perf_counter()
+    if attacker.family == "gd-exact":
+        return _exact_line_search(extractor, data, attacker, feature_cache, start)
     if attacker.family in PROBE_FAMILIES:
         body, train_x, eval_x = prepare_features(extractor, data, attacker.family, feature_cache)
     else:
@@ -261,6 +266,25 @@ def _attack(
                 diverged = step
             next_mark += 1
     return AttackResult(marks, scores, time.perf_counter() - start, diverged)
+
+
+def _exact_line_search(
+    extractor: nn.Module, data: AttackData, attacker: Attacker, cache: dict | None, start: float
+) -> AttackResult:
+    """The paper's attacker (Eq. 16) on frozen features, scored with the task's metric:
+    squared loss on probe targets (±1 for binary, one-hot for multiclass), float64."""
+    _, z_train, z_eval = prepare_features(extractor, data, "probe", cache)
+    targets = probe_targets(data.train_y, data.task)
+    trajectory = gd_exact_line_search(
+        z_train.double(), targets, steps=attacker.horizon, keep_iterates=True
+    )
+    head = LinearHead(z_train.shape[1], data.num_outputs, data.task)
+    scores = []
+    for mark in attacker.marks:
+        output = z_eval.double() @ trajectory.iterates[mark]
+        finite = bool(torch.isfinite(output).all())
+        scores.append(float(head.metric(output, data.eval_y)) if finite else math.nan)
+    return AttackResult(attacker.marks, scores, time.perf_counter() - start)
 
 
 def _width(body: nn.Module, x: Tensor) -> int:

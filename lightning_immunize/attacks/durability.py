@@ -90,6 +90,7 @@ def durability_card(
         "trials_per_study": budget.trials,
         "horizon": budget.horizon,
         "search_space": budget.space.__dict__,
+        "reference": "θ_0" if "scratch" in models else "identity",
         **(meta or {}),
     }
     card = build_card(rows, metrics, tasks.stability, notes, info)
@@ -98,8 +99,13 @@ def durability_card(
     if plot_effort(card, out / "effort.png") is not None:
         figures["Worst-case harmful score against attacker steps"] = "effort.png"
     higher = tasks.harmful.higher_is_better
-    if plot_search(rows, out / "search.png", higher) is not None:
+    if plot_search(rows, out / "search.png", higher, card) is not None:
         figures["Best-so-far search objective against trial"] = "search.png"
-    card_md = card_markdown({**card, "seconds": seconds}, figures)
+    timing = {
+        "seconds": seconds,
+        "trial_seconds": sum(float(r["seconds"]) for r in rows),
+        "trial_count": len(rows),
+    }
+    card_md = card_markdown({**card, **timing}, figures)
     (out / CARD_NAME).write_text(card_md + "\n")
     return card

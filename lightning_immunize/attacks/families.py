@@ -6,6 +6,8 @@
   features' condition number (Definition 3.1) and nothing a whitening attacker cannot undo;
 - ``gd`` / ``adam``: full-batch gradient descent / Adam probes (the linear protocols'
   attackers with a searched step size);
+- ``gd-exact``: the paper's attacker itself (Eq. 16): gradient descent with exact line search
+  on the squared loss of a linear probe, from zero weights — nothing to search;
 - ``finetune-immunized``: the parameters the immunization trained, plus the head;
 - ``finetune-all``: every parameter, plus the head;
 - ``lora``: LoRA adapters (``peft``) on the conv/linear layers of the trained blocks, plus
@@ -21,8 +23,10 @@ from torch import Tensor, nn
 
 from lightning_immunize.models import LinearExtractor
 
-PROBE_FAMILIES = ("probe", "probe-whitened", "gd", "adam")
-FULL_BATCH_FAMILIES = ("gd", "adam")
+PROBE_FAMILIES = ("probe", "probe-whitened", "gd", "adam", "gd-exact")
+FULL_BATCH_FAMILIES = ("gd", "adam", "gd-exact")
+#: Families with no hyperparameter: one trial per study.
+DETERMINISTIC_FAMILIES = ("gd-exact",)
 NETWORK_FAMILIES = ("finetune-immunized", "finetune-all", "lora")
 FAMILIES = PROBE_FAMILIES + NETWORK_FAMILIES
 #: LoRA adapters' rank and scale (``lora_alpha``), fixed for every model compared.

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lightning_immunize.attacks.card import MODEL_LABELS
+from lightning_immunize.attacks.card import model_label
 from lightning_immunize.evaluation.plots import _pyplot, _save
 
 COLORS = {"immunized": "tab:red", "reference": "tab:blue", "scratch": "tab:gray"}
@@ -43,7 +43,7 @@ def plot_effort(
                     marker="o",
                     ms=3,
                     color=COLORS[model],
-                    label=MODEL_LABELS[model],
+                    label=model_label(card, model),
                 )
         if entry.get("target") is not None and math.isfinite(entry["target"]):
             ax.axhline(entry["target"], color="k", lw=0.6, ls=":")
@@ -60,7 +60,10 @@ def plot_effort(
 
 
 def plot_search(
-    rows: list[dict[str, Any]], path: str | Path, higher_is_better: bool = True
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    higher_is_better: bool = True,
+    card: dict[str, Any] | None = None,
 ) -> Path | None:
     """Best-so-far search objective against trial number, one panel per family, resistance
     studies only (one line per model and data budget)."""
@@ -85,7 +88,7 @@ def plot_search(
                 ms=3,
                 color=COLORS[model],
                 ls="-" if budget == "all" else "--",
-                label=f"{MODEL_LABELS[model]}, n={budget}",
+                label=f"{model_label(card or {}, model)}, n={budget}",
             )
         ax.set_title(family, fontsize=9)
         ax.set_xlabel("trial")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lightning_immunize.attacks.attacker import Attacker, AttackResult
 from lightning_immunize.attacks.budgets import SearchSpace
-from lightning_immunize.attacks.families import FULL_BATCH_FAMILIES
+from lightning_immunize.attacks.families import DETERMINISTIC_FAMILIES, FULL_BATCH_FAMILIES
 
 
 def trial_seed(space_seed: int, index: int) -> int:
@@ -50,7 +50,9 @@ def search_objective(result: AttackResult, higher_is_better: bool) -> float:
 
 def suggest_attacker(trial, space: SearchSpace, family: str, horizon: int, seed: int) -> Attacker:
     """The attacker an Optuna ``trial`` proposes in ``space`` (full-batch families search
-    the learning rate only)."""
+    the learning rate only, ``gd-exact`` nothing)."""
+    if family in DETERMINISTIC_FAMILIES:
+        return Attacker(family, space.optimizers[0], 1.0, max(space.batch_sizes), horizon, seed)
     lr = trial.suggest_float("lr", space.lr_low, space.lr_high, log=True)
     if family in FULL_BATCH_FAMILIES:
         return Attacker(family, space.optimizers[0], lr, max(space.batch_sizes), horizon, seed)

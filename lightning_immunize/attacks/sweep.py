@@ -22,7 +22,7 @@ from lightning_immunize.attacks.attacker import (
     step_marks,
 )
 from lightning_immunize.attacks.budgets import Budget
-from lightning_immunize.attacks.families import check_supported
+from lightning_immunize.attacks.families import DETERMINISTIC_FAMILIES, check_supported
 from lightning_immunize.attacks.search import (
     TrialRecord,
     finished_trials,
@@ -42,13 +42,15 @@ class AttackTasks:
     ``harmful``: D_H samples the immunization saw (training) and held-out ones (scoring);
     ``harmful_unseen``: D_H samples the immunization never saw, same scoring samples (or
     ``None``); ``benign``: a task the defender wants to stay easy (or ``None``);
-    ``stability``: D_P held-out metric per model name.
+    ``stability``: D_P held-out metric per model name; ``notes``: how the data were drawn,
+    for the card.
     """
 
     harmful: AttackData
     harmful_unseen: AttackData | None = None
     benign: AttackData | None = None
     stability: dict[str, float] | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class Study:
     model: str
     family: str
     data: AttackData
+
+    def trials(self, budget: Budget) -> int:
+        """The budget's trial count; one for a family with nothing to search."""
+        return 1 if self.family in DETERMINISTIC_FAMILIES else budget.trials
 
     @property
     def name(self) -> str:
@@ -82,6 +88,7 @@ def plan_studies(
     the data raises ``ValueError``.
     """
     notes = notes if notes is not None else []
+    notes.extend(tasks.notes)
     seed = budget.space.seed
     studies: list[Study] = []
 
@@ -105,7 +112,7 @@ def plan_studies(
         elif gen.data_budget not in data_budgets:
             data_budgets.append(gen.data_budget)
     elif gen is not None:
-        notes.append("generalization not measured: the data withheld no harmful samples")
+        notes.append("generalization not measured: no harmful samples the immunization never saw")
         gen = None
     for data_budget in data_budgets:
         add("resistance", tasks.harmful, data_budget, families)
@@ -217,7 +224,7 @@ def run_studies(
     url = storage or sqlite_url(out / STUDIES_NAME)
     store = optuna.storages.RDBStorage(url)
     records: dict[str, list[TrialRecord]] = {
-        s.name: finished_trials(store, s.name)[: budget.trials] for s in studies
+        s.name: finished_trials(store, s.name)[: s.trials(budget)] for s in studies
     }
     cache: dict = {}
 
@@ -226,9 +233,9 @@ def run_studies(
         write_trials(out / TRIALS_NAME, rows, budget.horizon)
 
     done = sum(len(r) for r in records.values())
-    with _progress(len(studies) * budget.trials, done, progress) as bar:
+    with _progress(sum(s.trials(budget) for s in studies), done, progress) as bar:
         for study in studies:
-            if len(records[study.name]) >= budget.trials:
+            if len(records[study.name]) >= study.trials(budget):
                 continue
             bar.set_postfix_str(study.name)
 
@@ -247,7 +254,7 @@ def run_studies(
                 budget.space,
                 study.family,
                 budget.horizon,
-                budget.trials,
+                study.trials(budget),
                 study.data.higher_is_better,
                 on_trial=finished,
             )

@@ -7,6 +7,8 @@
   split — scored on the same samples;
 - trainability: a benign task — D_P's images relabelled by the parity of their class for
   multi-class D_P (a new task on the defender's data), else D_P's own task;
+- a data module without a held-out split: 20 % of each side's training samples (seeded)
+  score the attacker, who trains on the rest; generalization is then not measured;
 - the ``scratch`` model: the architecture of θ_0 with freshly initialised weights.
 """
 
@@ -33,6 +35,20 @@ def random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
             if callable(reset):
                 reset()
     return fresh
+
+
+#: Share of a side's training samples kept for scoring when a data module has no held-out split.
+CARVED_FRACTION = 0.2
+
+
+def _carve(
+    x: Tensor, y: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_score, y_score)``: a seeded split of one side's samples."""
+    order = torch.randperm(x.shape[0], generator=generator)
+    n_score = max(1, round(CARVED_FRACTION * x.shape[0]))
+    score, train = order[:n_score], order[n_score:]
+    return x[train], y[train], x[score], y[score]
 
 
 def _limit(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
@@ -66,21 +82,47 @@ def attack_tasks(
     """
     datamodule.setup("fit")
     x_p, y_p, x_h, y_h = datamodule.full_tensors("train")
-    xv_p, yv_p, xv_h, yv_h = datamodule.full_tensors("val")
     task = datamodule.task
     generator = torch.Generator().manual_seed(seed)
+    notes: list[str] = []
+    try:
+        xv_p, yv_p, xv_h, yv_h = datamodule.full_tensors("val")
+    except ValueError:
+        (x_p, y_p, xv_p, yv_p), (x_h, y_h, xv_h, yv_h) = (
+            _carve(x_p, y_p, generator),
+            _carve(x_h, y_h, generator),
+        )
+        notes.append(
+            f"{type(datamodule).__name__} has no held-out split: each side's training samples "
+            f"were split {1 - CARVED_FRACTION:.0%}/{CARVED_FRACTION:.0%} (seeded), the attacker "
+            "scored on the smaller part — samples the immunization saw"
+        )
     order = torch.randperm(xv_h.shape[0], generator=generator)
     withheld = getattr(datamodule, "withheld_harmful", None)
+    harmful_unseen = None
+    outputs_h = _num_outputs(task, getattr(datamodule, "num_classes_harmful", None))
     if withheld is not None and len(withheld) > 0:
         score_idx, unseen = order, _stack(withheld)
+    elif notes:
+        score_idx, unseen = order, None
     else:
         half = xv_h.shape[0] // 2
         score_idx = order[:half]
         unseen = (xv_h[order[half:]], yv_h[order[half:]])
     score_x, score_y = _limit(xv_h[score_idx], yv_h[score_idx], eval_samples)
-    outputs_h = _num_outputs(task, getattr(datamodule, "num_classes_harmful", None))
-    harmful = AttackData("harmful", x_h, y_h, score_x, score_y, task, outputs_h)
-    harmful_unseen = AttackData("harmful-unseen", *unseen, score_x, score_y, task, outputs_h)
+    task_h = task
+    if task == "binary" and y_h.unique().numel() == 1:
+        # A digit pair's D_H is one digit with one label: accuracy is 1 for any attacker.
+        task_h, y_h, score_y = "regression", 2.0 * y_h - 1.0, 2.0 * score_y - 1.0
+        unseen = None if unseen is None else (unseen[0], 2.0 * unseen[1] - 1.0)
+        notes.append(
+            "D_H's samples all have one label, so accuracy would be 1 for any attacker: the "
+            "attacker fits the ±1 targets by squared loss and is scored by held-out MSE (the "
+            "loss of the paper's attacker, Eq. 16)"
+        )
+    harmful = AttackData("harmful", x_h, y_h, score_x, score_y, task_h, outputs_h)
+    if unseen is not None:
+        harmful_unseen = AttackData("harmful-unseen", *unseen, score_x, score_y, task_h, outputs_h)
 
     classes_p = getattr(datamodule, "num_classes_pretrain", None)
     order_p = torch.randperm(xv_p.shape[0], generator=generator)
@@ -89,11 +131,15 @@ def attack_tasks(
         benign = AttackData(
             "benign-parity", x_p, (y_p % 2).float(), bx, (by % 2).float(), "binary", 1
         )
+    elif task == "binary" and y_p.unique().numel() == 1:  # D_P of a digit pair, as D_H
+        benign = AttackData(
+            "benign-pretrain", x_p, 2.0 * y_p - 1.0, bx, 2.0 * by - 1.0, "regression", 1
+        )
     else:
         benign = AttackData(
             "benign-pretrain", x_p, y_p, bx, by, task, _num_outputs(task, classes_p)
         )
-    return AttackTasks(harmful, harmful_unseen, benign, stability)
+    return AttackTasks(harmful, harmful_unseen, benign, stability, tuple(notes))
 
 
 def released_models(
