@@ -37,6 +37,7 @@ __all__ = [
     "instantiate",
     "known_noise_filtered",
     "load_run",
+    "load_theta0",
     "load_trained",
 ]
 
@@ -145,6 +146,17 @@ def _buildable_config(config: str | Path, folder: Path) -> Path:
     return path
 
 
+def load_theta0(cli: ImmunizationCLI) -> tuple[ImmunizationModule, PairedDataModule]:
+    """The CLI's module with θ_0 in it — loaded (or trained once and cached) by the config's
+    ``PretrainFromScratch`` callbacks, else as built — and its data module."""
+    from lightning_immunize.callbacks.pretrain import PretrainFromScratch
+
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, PretrainFromScratch):
+            callback.apply(cli.model, cli.datamodule)
+    return cli.model, cli.datamodule
+
+
 @dataclass
 class TrainedRun:
     """A trained run restored: the module (θ_I), its data module, and θ_0 with its head."""
@@ -159,15 +171,10 @@ def load_run(config: str | Path, ckpt: str | Path) -> TrainedRun:
     """A run's module with the checkpoint's weights, and θ_0 (``PretrainFromScratch``'s cached
     network when the config trains θ_0 from scratch, else the extractor as the config builds
     it: pretrained weights or its checkpoint path)."""
-    from lightning_immunize.callbacks.pretrain import PretrainFromScratch
-
     with tempfile.TemporaryDirectory() as tmp:
         buildable = _buildable_config(config, Path(tmp))
         cli = instantiate(["--config", str(buildable), "--trainer.logger", "false"])
-    module, datamodule = cli.model, cli.datamodule
-    for callback in cli.trainer.callbacks:
-        if isinstance(callback, PretrainFromScratch):
-            callback.apply(module, datamodule)
+    module, datamodule = load_theta0(cli)
     reference = copy.deepcopy(module.extractor).eval()
     head = copy.deepcopy(module.head).eval() if module.head is not None else None
     state = load_checkpoint(ckpt)["state_dict"]

@@ -200,16 +200,12 @@ def _execute_deep(protocol_spec: dict[str, Any], run: Run, out: Path) -> dict[st
     the deep RIR against θ_0 and the probe accuracy curves (written to ``<out>/probes``)."""
     import copy
 
-    from lightning_immunize.build import instantiate
-    from lightning_immunize.callbacks.pretrain import PretrainFromScratch
+    from lightning_immunize.build import instantiate, load_theta0
     from lightning_immunize.evaluation.report import immunization_report, task_metric
     from lightning_immunize.evaluation.study import probe_accuracy_curves
 
     cli = instantiate(_cli_args(protocol_spec, run))
-    module, datamodule = cli.model, cli.datamodule
-    for callback in cli.trainer.callbacks:
-        if isinstance(callback, PretrainFromScratch):
-            callback.apply(module, datamodule)
+    module, datamodule = load_theta0(cli)
     reference = copy.deepcopy(module.extractor).eval()
     before = task_metric(module, datamodule)
     start = time.perf_counter()

@@ -85,6 +85,18 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+def keep_frozen_in_eval(model: nn.Module) -> nn.Module:
+    """Put every sub-module of ``model`` that has parameters or buffers but no trainable
+    parameter in eval mode (frozen BatchNorm keeps its running statistics, dropout inside a
+    frozen block is off); the rest keeps its mode. Returns ``model``."""
+    for module in model.modules():
+        params = list(module.parameters())
+        has_state = bool(params) or any(True for _ in module.buffers())
+        if has_state and not any(p.requires_grad for p in params):
+            module.eval()
+    return model
+
+
 class LinearExtractor(nn.Module):
     """Bias-free linear feature map ``f_θ(x) = θᵀx`` with ``θ ∈ R^{D×K}``.
 
@@ -573,11 +585,7 @@ class TimmBackbone(nn.Module):
         """Set train/eval mode; with ``eval_frozen``, frozen sub-modules stay in eval."""
         super().train(mode)
         if mode and self.eval_frozen:
-            for module in self.model.modules():
-                params = list(module.parameters())
-                has_state = bool(params) or any(True for _ in module.buffers())
-                if has_state and not any(p.requires_grad for p in params):
-                    module.eval()
+            keep_frozen_in_eval(self.model)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -122,13 +122,13 @@ def test_a_trial_is_reproducible_and_leaves_the_model_untouched(family):
 
 
 def test_families_train_what_they_say_and_keep_frozen_batchnorm_in_eval():
-    from lightning_immunize.attacks.attacker import _train_mode
+    from lightning_immunize.models import keep_frozen_in_eval
 
     model = _tiny_backbone()
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("model.layer4") for n in trained)
     copy_ = prepare_network(model, "finetune-immunized")
-    _train_mode(copy_)
+    keep_frozen_in_eval(copy_.train())
     for name, module in copy_.named_modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             assert module.training == name.startswith("model.layer4"), name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from lightning_immunize.attacks.families import (
     prepare_network,
 )
 from lightning_immunize.evaluation.study import probe_targets
-from lightning_immunize.models import LinearHead
+from lightning_immunize.models import LinearHead, keep_frozen_in_eval
 from lightning_immunize.probing import gd_exact_line_search
 
 #: Optimizers an attacker may use (SGD with momentum 0.9, or AdamW with torch's defaults).
@@ -151,9 +151,6 @@ class Attacker:
     def marks(self) -> list[int]:
         return step_marks(self.horizon)
 
-    def as_row(self) -> dict[str, object]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class AttackResult:
@@ -165,8 +162,14 @@ class AttackResult:
     diverged_at: int | None = None
 
 
-def _fresh_head(width: int, data: AttackData, dtype: torch.dtype) -> LinearHead:
-    return LinearHead(width, data.num_outputs, data.task).to(dtype)
+def mean_score(
+    scores: Sequence[float], higher_is_better: bool, all_diverged: float = math.nan
+) -> float:
+    """The mean score over the step marks, a diverged (NaN) mark counted as the worst score:
+    0 accuracy, or the largest MSE among the marks (``all_diverged`` when there is none)."""
+    finite = [s for s in scores if math.isfinite(s)]
+    worst = 0.0 if higher_is_better else max(finite, default=all_diverged)
+    return sum(s if math.isfinite(s) else worst for s in scores) / len(scores)
 
 
 def _optimizer(attacker: Attacker, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -239,7 +242,7 @@ def _attack(
         train_x, eval_x = data.train_x, data.eval_x
     dtype = next((p.dtype for p in body.parameters()), train_x.dtype)
     width = _width(body, train_x[:2])
-    head = _fresh_head(width, data, dtype)
+    head = LinearHead(width, data.num_outputs, data.task).to(dtype)
     model = nn.Sequential(body, head)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(attacker, params)
@@ -249,9 +252,9 @@ def _attack(
     batches = _batches(n, batch, generator)
     marks, scores, diverged = attacker.marks, [], None
     next_mark = 0
+    keep_frozen_in_eval(model.train())
     for step in range(1, attacker.horizon + 1):
         if diverged is None:
-            _train_mode(model)
             idx = next(batches)
             loss = head.loss(model(train_x[idx].to(dtype)), data.train_y[idx])
             if not torch.isfinite(loss):
@@ -262,8 +265,9 @@ def _attack(
                 optimizer.step()
         if step == marks[next_mark]:
             scores.append(math.nan if diverged else _score(model, head, eval_x, data.eval_y, dtype))
-            if scores[-1] != scores[-1] and diverged is None:
+            if math.isnan(scores[-1]) and diverged is None:
                 diverged = step
+            keep_frozen_in_eval(model.train())  # _score left it in eval mode
             next_mark += 1
     return AttackResult(marks, scores, time.perf_counter() - start, diverged)
 
@@ -296,17 +300,6 @@ def _width(body: nn.Module, x: Tensor) -> int:
         width = int(body(x).reshape(x.shape[0], -1).shape[1])
         body.train(was)
     return width
-
-
-def _train_mode(model: nn.Module) -> None:
-    """Train mode, except sub-modules with state but no trainable parameter (frozen
-    BatchNorm keeps its running statistics, frozen dropout stays off)."""
-    model.train()
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        has_state = bool(params) or any(True for _ in module.buffers(recurse=False))
-        if has_state and not any(p.requires_grad for p in module.parameters()):
-            module.eval()
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from lightning_immunize.attacks.attacker import mean_score
+
 TARGET_FRACTION = 0.9
 #: Below this gap between θ_0 and scratch (in A, i.e. 5 accuracy points), "advantage removed"
 #: is not given: a ratio over a smaller gap is mostly trial noise.
@@ -48,13 +50,6 @@ def worst_case(rows: list[dict[str, Any]], marks: list[int], higher_is_better: b
         values = [v for v in (_float(r.get(f"at_{m}")) for r in rows) if math.isfinite(v)]
         curve.append(pick(values) if values else math.nan)
     return curve
-
-
-def _mean(curve: list[float], higher_is_better: bool) -> float:
-    worst = (
-        0.0 if higher_is_better else max((v for v in curve if math.isfinite(v)), default=math.nan)
-    )
-    return sum(v if math.isfinite(v) else worst for v in curve) / len(curve)
 
 
 def _reached(value: float, target: float, higher_is_better: bool) -> bool:
@@ -136,7 +131,7 @@ def condition_table(
             curve = worst_case(model_rows, marks, higher_is_better)
             entry[model] = {
                 "worst_case": curve,
-                "mean": _mean(curve, higher_is_better),
+                "mean": mean_score(curve, higher_is_better),
                 "trials": len(model_rows),
             }
         if "reference" in entry:

@@ -14,7 +14,6 @@ from torch import nn
 
 from lightning_immunize.attacks.budgets import Budget
 from lightning_immunize.attacks.card import build_card, card_markdown
-from lightning_immunize.attacks.families import check_family, supported_families
 from lightning_immunize.attacks.figures import plot_effort, plot_search
 from lightning_immunize.attacks.sweep import TRIALS_NAME, AttackTasks, plan_studies, run_studies
 from lightning_immunize.models import LinearExtractor
@@ -65,14 +64,6 @@ def durability_card(
     if "immunized" not in models or "reference" not in models:
         raise ValueError(f"models must hold 'immunized' and 'reference', got {sorted(models)}")
     families = tuple(families or default_families(models["immunized"], budget))
-    for family in families:
-        check_family(family)
-        for name, model in models.items():
-            if family not in supported_families(model):
-                raise ValueError(
-                    f"attacker family {family!r} cannot attack the {name} model "
-                    f"({type(model).__name__}); it supports {list(supported_families(model))}"
-                )
     notes: list[str] = []
     studies = plan_studies(models, tasks, budget, families, notes)
     out = Path(out)

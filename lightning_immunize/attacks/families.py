@@ -21,7 +21,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from lightning_immunize.models import LinearExtractor
+from lightning_immunize.metrics import extract_features
+from lightning_immunize.models import LinearExtractor, evaluating
 
 PROBE_FAMILIES = ("probe", "probe-whitened", "gd", "adam", "gd-exact")
 FULL_BATCH_FAMILIES = ("gd", "adam", "gd-exact")
@@ -52,14 +53,14 @@ def supported_families(extractor: nn.Module) -> tuple[str, ...]:
     return FAMILIES
 
 
-def check_supported(extractor: nn.Module, family: str) -> None:
-    """Raise ``ValueError`` when ``family`` cannot attack ``extractor``."""
+def check_supported(extractor: nn.Module, family: str, name: str = "given") -> None:
+    """Raise ``ValueError`` when ``family`` cannot attack ``extractor`` (the ``name`` model)."""
     check_family(family)
     supported = supported_families(extractor)
     if family not in supported:
         raise ValueError(
-            f"attacker family {family!r} needs a deep extractor; {type(extractor).__name__} "
-            f"supports {list(supported)}"
+            f"attacker family {family!r} cannot attack the {name} model "
+            f"({type(extractor).__name__}); it supports {list(supported)}"
         )
     if family in ("finetune-immunized", "lora") and not _trained_parameter_names(extractor):
         raise ValueError(
@@ -88,17 +89,11 @@ def lora_target_modules(extractor: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def features(extractor: nn.Module, x: Tensor) -> Tensor:
-    """Frozen features ``(N, K)`` of inputs ``x`` (eval mode, in chunks)."""
-    was = extractor.training
-    extractor.eval()
+def frozen_features(extractor: nn.Module, x: Tensor) -> Tensor:
+    """Features ``(N, K)`` of inputs ``x`` in eval mode, in the extractor's dtype."""
     dtype = next((p.dtype for p in extractor.parameters()), x.dtype)
-    out = [
-        extractor(x[i : i + FEATURE_CHUNK].to(dtype)).reshape(min(FEATURE_CHUNK, len(x) - i), -1)
-        for i in range(0, len(x), FEATURE_CHUNK)
-    ]
-    extractor.train(was)
-    return torch.cat(out)
+    with evaluating(extractor):
+        return extract_features(extractor, x, FEATURE_CHUNK).to(dtype)
 
 
 def whitening(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +129,8 @@ def prepare_features(
     if cache is not None and key in cache:
         z_train, z_eval = cache[key]
     else:
-        z_train, z_eval = features(extractor, data.train_x), features(extractor, data.eval_x)
+        z_train = frozen_features(extractor, data.train_x)
+        z_eval = frozen_features(extractor, data.eval_x)
         if cache is not None:
             cache[key] = (z_train, z_eval)
     if family == "probe-whitened":

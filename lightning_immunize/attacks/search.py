@@ -8,11 +8,10 @@ k)``: a study resumed after an interruption proposes what an uninterrupted one w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from lightning_immunize.attacks.attacker import Attacker, AttackResult
+from lightning_immunize.attacks.attacker import Attacker, AttackResult, mean_score
 from lightning_immunize.attacks.budgets import SearchSpace
 from lightning_immunize.attacks.families import DETERMINISTIC_FAMILIES, FULL_BATCH_FAMILIES
 
@@ -38,14 +37,9 @@ class TrialRecord:
 
 
 def search_objective(result: AttackResult, higher_is_better: bool) -> float:
-    """The value the attacker optimises: the mean score over the step marks, a diverged mark
-    counted as the worst score (0 accuracy, or the largest MSE seen, or 1e30)."""
-    finite = [s for s in result.scores if math.isfinite(s)]
-    if higher_is_better:
-        worst = 0.0
-    else:
-        worst = max(finite) if finite else 1e30
-    return sum(s if math.isfinite(s) else worst for s in result.scores) / len(result.scores)
+    """The value the attacker optimises: :func:`mean_score` of the trial, 1e30 when every
+    mark of an MSE trial diverged (Optuna needs a finite value)."""
+    return mean_score(result.scores, higher_is_better, all_diverged=1e30)
 
 
 def suggest_attacker(trial, space: SearchSpace, family: str, horizon: int, seed: int) -> Attacker:
@@ -61,12 +55,6 @@ def suggest_attacker(trial, space: SearchSpace, family: str, horizon: int, seed:
     return Attacker(family, optimizer, lr, int(batch_size), horizon, seed)
 
 
-def _storage(url: str):
-    import optuna
-
-    return optuna.storages.RDBStorage(url)
-
-
 def finished_trials(storage, study_name: str) -> list[TrialRecord]:
     """The finished trials of a study, in order (an absent study has none)."""
     import optuna
@@ -77,12 +65,8 @@ def finished_trials(storage, study_name: str) -> list[TrialRecord]:
         return []
     records = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        a = t.user_attrs["attacker"]
-        attacker = Attacker(
-            a["family"], a["optimizer"], a["lr"], a["batch_size"], a["horizon"], a["seed"]
-        )
-        r = t.user_attrs["result"]
-        result = AttackResult(r["marks"], r["scores"], r["seconds"], r["diverged_at"])
+        attacker = Attacker(**t.user_attrs["attacker"])
+        result = AttackResult(**t.user_attrs["result"])
         records.append(TrialRecord(t.user_attrs["index"], attacker, result, t.value))
     records.sort(key=lambda rec: rec.index)
     seen, unique = set(), []
@@ -117,7 +101,8 @@ def worst_case_search(
     """
     import optuna
 
-    storage = _storage(storage) if isinstance(storage, str) else storage
+    if isinstance(storage, str):
+        storage = optuna.storages.RDBStorage(storage)
     direction = "maximize" if higher_is_better else "minimize"
     while True:
         done = finished_trials(storage, study_name)
@@ -141,16 +126,8 @@ def worst_case_search(
         result = attack(attacker)
         value = search_objective(result, higher_is_better)
         trial.set_user_attr("index", index)
-        trial.set_user_attr("attacker", attacker.as_row())
-        trial.set_user_attr(
-            "result",
-            {
-                "marks": result.marks,
-                "scores": result.scores,
-                "seconds": result.seconds,
-                "diverged_at": result.diverged_at,
-            },
-        )
+        trial.set_user_attr("attacker", asdict(attacker))
+        trial.set_user_attr("result", asdict(result))
         study.tell(trial, value)
         if on_trial is not None:
             on_trial(TrialRecord(index, attacker, result, value))

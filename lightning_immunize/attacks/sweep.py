@@ -8,8 +8,7 @@ for deep nets, ``scratch`` (the same architecture, random weights).
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +133,7 @@ def plan_studies(
     elif train is not None:
         notes.append("trainability not measured: no benign task for this data")
     for study in studies:
-        check_supported(models[study.model], study.family)
+        check_supported(models[study.model], study.family, study.model)
         check_batch_size(study.data, budget.space.batch_sizes, study.family)
     return studies
 
@@ -187,24 +186,6 @@ def write_trials(path: Path, rows: list[dict[str, object]], horizon: int) -> Pat
     return path
 
 
-@contextmanager
-def _progress(total: int, done: int, enabled: bool) -> Iterator:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=done,
-        disable=not enabled,
-        desc="attack trials",
-        unit="trial",
-        dynamic_ncols=True,
-    )
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 def run_studies(
     models: dict[str, nn.Module],
     studies: list[Study],
@@ -233,7 +214,11 @@ def run_studies(
         write_trials(out / TRIALS_NAME, rows, budget.horizon)
 
     done = sum(len(r) for r in records.values())
-    with _progress(sum(s.trials(budget) for s in studies), done, progress) as bar:
+    from tqdm.auto import tqdm
+
+    total = sum(s.trials(budget) for s in studies)
+    with tqdm(total=total, initial=done, disable=not progress, desc="attack trials",
+              unit="trial", dynamic_ncols=True) as bar:  # fmt: skip
         for study in studies:
             if len(records[study.name]) >= study.trials(budget):
                 continue
