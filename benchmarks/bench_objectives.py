@@ -17,7 +17,9 @@ One step is what ``ImmunizationModule.training_step`` does, without a Trainer::
 * ``sophon K=1|3``: :class:`~lightning_immunize.attacker_aware.SimulatedAttackObjective`
   (defaults: SGD or Adam attacker, lr log-uniform in [1e-4, 0.1], D_P fine-tuning term on);
 * ``tar K=1|3``: :class:`~lightning_immunize.attacker_aware.TamperResistanceObjective`
-  (defaults; the entropy loss averaged over the K attack steps).
+  (defaults; the entropy loss averaged over the K attack steps);
+* ``ours_sa K=3``: ours (as above) plus SOPHON's terms with K = 3
+  (:class:`~lightning_immunize.attacker_aware.AttackerAwareConditionNumberObjective`).
 
 The model is the deep MNIST shape: timm ``resnet18``, ``in_chans=1``, 28×28 random "digits",
 10 classes, ``trainable=["layer3", "layer4"]``, SGD Nesterov (lr 1e-3), batch 64 per side, on
@@ -39,7 +41,11 @@ from functools import partial
 import torch
 from bench_step import immunization_step, plain_step  # the same steps as bench_step.py
 
-from lightning_immunize.attacker_aware import SimulatedAttackObjective, TamperResistanceObjective
+from lightning_immunize.attacker_aware import (
+    AttackerAwareConditionNumberObjective,
+    SimulatedAttackObjective,
+    TamperResistanceObjective,
+)
 from lightning_immunize.models import TimmBackbone
 from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
 from lightning_immunize.objectives import Objective
@@ -63,6 +69,9 @@ def objectives() -> dict[str, Callable[[], Objective | None]]:
         "sophon K=3": lambda: SimulatedAttackObjective(inner_steps=3),
         "tar K=1": lambda: TamperResistanceObjective(inner_steps=1),
         "tar K=3": lambda: TamperResistanceObjective(inner_steps=3),
+        "ours_sa K=3": lambda: AttackerAwareConditionNumberObjective(
+            3e-3, 1000.0, preconditioner="none", inner_steps=3
+        ),
     }
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "SimulatedAttack",
     "SimulatedAttackObjective",
     "TamperResistanceObjective",
+    "AttackerAwareConditionNumberObjective",
     "INNER_OPTIMIZERS",
     "OUTER_LOSSES",
 ]
@@ -482,10 +483,21 @@ class SimulatedAttackObjective(_AttackerAwareObjective):
         self.outer_loss = outer_loss
 
     def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        z = module.features(batch["pretrain"][0], side="pretrain")
+        loss = module.task_loss(z, batch["pretrain"][1])
+        attack_terms, logs, terms = self.attack_terms(module, batch, z.reshape(z.shape[0], -1))
+        module.manual_backward(loss + attack_terms)
+        return ObjectiveOutput(
+            loss=loss.detach(), logs={"task_loss": loss.detach(), **logs}, terms=terms
+        )
+
+    def attack_terms(
+        self, module: ImmunizationModule, batch: Mapping[str, Any], z: Tensor
+    ) -> tuple[Tensor | float, dict[str, Tensor | float], dict[str, Tensor | float]]:
+        """``λ_H·L_outer + λ_PF·CE`` of one step (everything but the task loss), its logs and
+        its named terms; ``z`` ``(B, K)``: the D_P batch's features (width and dtype)."""
         x_p, y_p = batch["pretrain"][0], batch["pretrain"][1]
-        z = module.features(x_p, side="pretrain")
-        loss = module.task_loss(z, y_p)
-        width = z.reshape(z.shape[0], -1).shape[1]
+        width = z.shape[1]
         shapes = {}
         if self.lambda_harmful > 0:
             shapes["harmful"] = (self._harmful_task(module).outputs, width)
@@ -493,8 +505,8 @@ class SimulatedAttackObjective(_AttackerAwareObjective):
             pretrain_task = _head_task(module.head)
             shapes["pretrain"] = (pretrain_task.outputs, width)
         attack = self.sample_attack(shapes, z)
-        total = loss
-        logs: dict[str, Tensor | float] = {"task_loss": loss.detach(), "inner_lr": attack.lr}
+        total: Tensor | float = 0.0
+        logs: dict[str, Tensor | float] = {"inner_lr": attack.lr}
         terms: dict[str, Tensor | float] = {}
         if self.lambda_harmful > 0:
             [log_p], y_out = self._attack_harmful(module, batch, attack)
@@ -522,8 +534,7 @@ class SimulatedAttackObjective(_AttackerAwareObjective):
             total = total + self.lambda_pretrain_finetune * finetuned
             logs["pretrain_loss_after_finetune"] = finetuned.detach()
             terms["pretrain loss after the simulated fine-tuning"] = finetuned.detach()
-        module.manual_backward(total)
-        return ObjectiveOutput(loss=loss.detach(), logs=logs, terms=terms)
+        return total, logs, terms
 
 
 class TamperResistanceObjective(_AttackerAwareObjective):
@@ -605,3 +616,105 @@ class TamperResistanceObjective(_AttackerAwareObjective):
             terms["harmful negative entropy after the simulated attack"] = tamper.detach()
         module.manual_backward(total)
         return ObjectiveOutput(loss=loss.detach(), logs=logs, terms=terms)
+
+
+class AttackerAwareConditionNumberObjective(Objective):
+    r"""``ours_sa``: ours (Eq. 11) plus SOPHON's simulated-attack terms.
+
+    One step::
+
+        L = L_P + λ_P·R_min(S_P) + λ_H·R_max(S_H)            ours, Eq. 11 (Algorithm 1)
+          + λ_A  · L_outer(φ_K^H, f_{θ_K^H}(X_H_out))        after K simulated attack steps
+          + λ_PF · CE(φ_K^P, f_{θ_K^P}(X_P_out))             D_P stays fine-tunable
+
+    The condition-number terms make the *linear probe* on D_H ill-conditioned; the simulated
+    attack (:class:`SimulatedAttackObjective`, first-order, with a fresh head) targets the
+    fine-tuning attacker that the conditioning view alone does not see. The two parts are
+    computed by the two objectives and their gradients add up in ``.grad`` (the attack terms'
+    gradient is not preconditioned, whatever ``preconditioner`` says).
+
+    Args:
+        lambda_pretrain, lambda_harmful, preconditioner, ridge, rank_rule, covariance,
+            ema_decay: ours' settings
+            (:class:`~lightning_immunize.objectives.ConditionNumberObjective`).
+        lambda_attack: ``λ_A ≥ 0``, SOPHON's ``λ_H`` (the post-attack D_H suppression loss).
+        lambda_pretrain_finetune, inner_steps, inner_lrs, inner_optimizers, outer_loss, seed,
+            num_classes_harmful: the simulated attack (:class:`SimulatedAttackObjective`).
+
+    With ``lambda_attack = lambda_pretrain_finetune = 0`` the step is ours' exactly.
+    """
+
+    name = "ours_sa"
+
+    def __init__(
+        self,
+        lambda_pretrain: float = 1.0,
+        lambda_harmful: float = 1.0,
+        preconditioner: str = "auto",
+        ridge: float = 1e-3,
+        rank_rule: str = "auto",
+        covariance: str = "batch",
+        ema_decay: float = 0.9,
+        lambda_attack: float = 1.0,
+        lambda_pretrain_finetune: float = 1.0,
+        inner_steps: int = 3,
+        inner_lrs: Sequence[float] = (1e-4, 1e-1),
+        inner_optimizers: Sequence[str] | str = ("sgd", "adam"),
+        outer_loss: str = "kl_uniform",
+        seed: int = 0,
+        num_classes_harmful: int | None = None,
+    ) -> None:
+        from lightning_immunize.objectives import ConditionNumberObjective
+
+        self._ours = ConditionNumberObjective(
+            lambda_pretrain, lambda_harmful, preconditioner, ridge, rank_rule, covariance, ema_decay
+        )
+        self._attack = SimulatedAttackObjective(
+            lambda_attack,
+            lambda_pretrain_finetune,
+            inner_steps,
+            inner_lrs,
+            inner_optimizers,
+            outer_loss,
+            seed,
+            num_classes_harmful,
+        )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        attack = self._attack.hyperparameters()
+        attack["lambda_attack"] = attack.pop("lambda_harmful")
+        return {**self._ours.hyperparameters(), **attack}
+
+    @property
+    def last_attack(self) -> SimulatedAttack | None:
+        """The attack simulated by the latest :meth:`backward`."""
+        return self._attack.last_attack
+
+    def prepare(self, module: ImmunizationModule) -> None:
+        self._ours.prepare(module)
+        self._attack.prepare(module)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self._ours.state_dict(), **self._attack.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self._ours.load_state_dict(state)
+        self._attack.load_state_dict(state)
+
+    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        out = self._ours.backward(module, batch)
+        attack = self._attack
+        if attack.lambda_harmful == 0 and attack.lambda_pretrain_finetune == 0:
+            return out
+        extractor = module.extractor
+        # Two D_P samples give the features' width and dtype; copies of the buffers keep the
+        # module's BatchNorm statistics untouched, as in the simulated attacks.
+        state = {**dict(extractor.named_parameters()),
+                 **{n: b.clone() for n, b in extractor.named_buffers()}}  # fmt: skip
+        with torch.no_grad():
+            z = functional_call(extractor, state, (batch["pretrain"][0][:2],))
+        total, logs, terms = attack.attack_terms(module, batch, z.reshape(z.shape[0], -1))
+        module.manual_backward(total)
+        return ObjectiveOutput(
+            loss=out.loss, logs={**out.logs, **logs}, terms={**out.terms, **terms}
+        )

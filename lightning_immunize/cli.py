@@ -187,7 +187,9 @@ def _attack(argv: Sequence[str]) -> int:
         "--out", default=None, help="output folder (default: <run>/attack-<budget>)"
     )
     parser.add_argument(
-        "--budget", default="standard", help="quick, standard or long (or one of --budgets)"
+        "--budget",
+        default="standard",
+        help="quick, standard, long or durable (or one of --budgets)",
     )
     parser.add_argument(
         "--budgets", default=None, help="budgets file (default configs/attack.yaml)"

@@ -623,6 +623,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "imma": IMMAObjective,
     "sophon": _attacker_aware("SimulatedAttackObjective"),
     "tar": _attacker_aware("TamperResistanceObjective"),
+    "ours_sa": _attacker_aware("AttackerAwareConditionNumberObjective"),
 }
 
 

@@ -22,12 +22,18 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from lightning_immunize.attacker_aware import (
+    AttackerAwareConditionNumberObjective,
     SimulatedAttackObjective,
     TamperResistanceObjective,
 )
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
-from lightning_immunize.module import OBJECTIVES, ImmunizationModule, make_objective
+from lightning_immunize.module import (
+    OBJECTIVES,
+    ConditionNumberObjective,
+    ImmunizationModule,
+    make_objective,
+)
 
 F64 = torch.float64
 D, K, CLASSES, B = 5, 4, 3, 10
@@ -435,6 +441,72 @@ def test_bad_heads_labels_and_batches_are_refused():
         module.objective.backward(module, small)
 
 
+# -- ours, attacker-aware ------------------------------------------------------------------------
+
+
+def _gradients(objective, batch):
+    module = linear_module(objective)
+    module.zero_grad()
+    out = objective.backward(module, batch)
+    return [p.grad.clone() for p in module.parameters()], out
+
+
+@pytest.mark.parametrize("preconditioner", ["exact", "none"])
+def test_ours_sa_without_the_attack_is_ours(preconditioner):
+    settings = {"lambda_pretrain": 0.3, "lambda_harmful": 2.0, "preconditioner": preconditioner}
+    batch = linear_batch(b=12)
+    ours, ours_out = _gradients(ConditionNumberObjective(**settings), batch)
+    both, both_out = _gradients(
+        AttackerAwareConditionNumberObjective(
+            **settings, lambda_attack=0.0, lambda_pretrain_finetune=0.0
+        ),
+        batch,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(ours, both, strict=True))
+    assert both_out.terms.keys() == ours_out.terms.keys()
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_ours_sa_adds_the_simulated_attack_terms_to_ours(steps):
+    attack = {"inner_steps": steps, "seed": 5, "outer_loss": "inverse_ce"}
+    batch = linear_batch(b=12)
+    ours_settings = {"lambda_pretrain": 0.3, "lambda_harmful": 2.0, "preconditioner": "none"}
+    ours, _ = _gradients(ConditionNumberObjective(**ours_settings), batch)
+    sophon, _ = _gradients(SimulatedAttackObjective(lambda_harmful=0.7, **attack), batch)
+    plain, _ = _gradients(
+        SimulatedAttackObjective(lambda_harmful=0.0, lambda_pretrain_finetune=0.0), batch
+    )  # the task loss alone
+    both, out = _gradients(
+        AttackerAwareConditionNumberObjective(**ours_settings, lambda_attack=0.7, **attack),
+        batch,
+    )
+    # ours + sophon − the task loss counted twice
+    for g_both, g_ours, g_sophon, g_plain in zip(both, ours, sophon, plain, strict=True):
+        torch.testing.assert_close(g_both, g_ours + g_sophon - g_plain, rtol=1e-10, atol=1e-12)
+    assert {"r_min on pretrain", "r_max on harmful"} <= set(out.terms)
+    assert "harmful inverse_ce after the simulated attack" in out.terms
+    assert "harmful_accuracy_after_attack" in out.logs and "kappa_harmful" in out.logs
+
+
+def test_ours_sa_is_registered_and_keeps_its_attack_state():
+    objective = make_objective("ours_sa", lambda_attack=2.0, inner_steps=1, seed=4)
+    assert isinstance(objective, AttackerAwareConditionNumberObjective)
+    settings = objective.hyperparameters()
+    assert settings["lambda_attack"] == 2.0 and settings["lambda_harmful"] == 1.0
+    assert settings["inner_steps"] == 1 and "lambda_pretrain_finetune" in settings
+    state = objective.state_dict()
+    module = linear_module(objective)
+    objective.backward(module, linear_batch())
+    resumed = make_objective("ours_sa", inner_steps=1, seed=99)
+    resumed.load_state_dict(state)
+    resumed.backward(linear_module(resumed), linear_batch())
+    assert resumed.last_attack.lr == objective.last_attack.lr
+    with pytest.raises(ValueError, match=r"lambda_harmful .* got -1"):
+        make_objective("ours_sa", lambda_harmful=-1)
+    with pytest.raises(ValueError, match=r"lambda_harmful .* got -2"):  # λ_A is SOPHON's λ_H
+        make_objective("ours_sa", lambda_attack=-2)
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
@@ -443,6 +515,7 @@ def test_bad_heads_labels_and_batches_are_refused():
     [
         ("sophon", {"inner_steps": 2, "outer_loss": "inverse_ce"}),
         ("tar", {"inner_steps": 2, "inner_optimizers": ["adamw", "momentum"]}),
+        ("ours_sa", {"inner_steps": 1, "lambda_harmful": 10.0}),
     ],
 )
 def test_a_few_trainer_steps_on_a_tiny_timm_model(method, method_args):
@@ -478,5 +551,10 @@ def test_a_few_trainer_steps_on_a_tiny_timm_model(method, method_args):
     logged = trainer.logged_metrics
     for key in ("task_loss", "harmful_accuracy_after_attack", "harmful_ce_after_attack"):
         assert math.isfinite(float(logged[f"train/{key}"])), key
-    outer = "harmful_inverse_ce" if method == "sophon" else "harmful_negative_entropy"
-    assert math.isfinite(float(logged[f"train/{outer}"]))
+    outer = {
+        "sophon": ["harmful_inverse_ce"],
+        "tar": ["harmful_negative_entropy"],
+        "ours_sa": ["harmful_kl_uniform", "r_max", "r_min", "kappa_harmful"],
+    }[method]
+    for key in outer:
+        assert math.isfinite(float(logged[f"train/{key}"])), key

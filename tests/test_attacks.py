@@ -17,12 +17,18 @@ import pytest
 import torch
 import yaml
 
-from lightning_immunize.attacks.attacker import AttackData, Attacker, run_attack, step_marks
+from lightning_immunize.attacks.attacker import (
+    AttackData,
+    Attacker,
+    batch_size_for,
+    run_attack,
+    step_marks,
+)
 from lightning_immunize.attacks.budgets import Budget, SearchSpace, load_budget
 from lightning_immunize.attacks.card import advantage_removed, worst_case
 from lightning_immunize.attacks.durability import durability_card, read_trials
 from lightning_immunize.attacks.families import prepare_network
-from lightning_immunize.attacks.sweep import AttackTasks
+from lightning_immunize.attacks.sweep import AttackTasks, plan_studies
 from lightning_immunize.attacks.tasks import attack_tasks, random_weights
 from lightning_immunize.models import LinearExtractor, TimmBackbone
 
@@ -258,6 +264,40 @@ def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(tmp_pa
         assert len(complete) == 4, summary.study_name
 
 
+def test_cards_sharing_a_storage_reuse_only_the_studies_of_identical_models(tmp_path, monkeypatch):
+    import lightning_immunize.attacks.sweep as sweep
+
+    models, tasks, budget = _tiny_models(), AttackTasks(_tiny_data()), _tiny_budget(trials=2)
+    real = sweep.run_attack
+    calls: list[str] = []
+
+    def counted(model, data, attacker, cache=None):
+        calls.append(next(n for n, m in current.items() if m is model))
+        return real(model, data, attacker, cache)
+
+    monkeypatch.setattr(sweep, "run_attack", counted)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    current = models
+    durability_card(models, tasks, budget, tmp_path / "a", storage=url, progress=False)
+    assert sorted(set(calls)) == ["immunized", "reference", "scratch"]
+    other = dict(models, immunized=_tiny_backbone(1))
+    current, calls[:] = other, []
+    durability_card(other, tasks, budget, tmp_path / "b", storage=url, progress=False)
+    assert calls == ["immunized"] * 2 * 2  # two families, two trials; θ_0 and scratch reused
+
+    def rows(card: str, model: str) -> list[dict]:
+        kept = [r for r in read_trials(tmp_path / card / "trials.csv") if r["model"] == model]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in kept]
+
+    for model in ("reference", "scratch"):
+        assert rows("a", model) == rows("b", model)
+    # A different horizon is a different search: nothing is reused.
+    calls[:] = []
+    durability_card(other, tasks, _tiny_budget(trials=2, horizon=2), tmp_path / "c",
+                    storage=url, progress=False)  # fmt: skip
+    assert len(calls) == 3 * 2 * 2
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -273,11 +313,20 @@ def test_lora_on_a_linear_extractor_is_refused_before_any_trial(tmp_path):
     assert not (tmp_path / "trials.csv").exists()
 
 
-def test_a_split_smaller_than_a_batch_size_is_refused_before_any_trial(tmp_path):
-    tasks = AttackTasks(_tiny_data(n_train=12))
-    with pytest.raises(ValueError, match=r"12 training samples, fewer than batch size\(s\) \[16\]"):
-        durability_card(_tiny_models(), tasks, _tiny_budget(), tmp_path, progress=False)
-    assert not (tmp_path / "trials.csv").exists()
+def test_a_batch_larger_than_the_split_trains_on_every_sample_and_the_card_says_so():
+    data = _tiny_data(n_train=12)
+    assert batch_size_for(12, 16, "finetune-all") == 12
+    assert batch_size_for(12, 8, "finetune-all") == 8
+    assert batch_size_for(12, 8, "gd") == 12
+    notes: list[str] = []
+    plan_studies(_tiny_models(), AttackTasks(data), _tiny_budget(), ["probe"], notes)
+    assert notes == [
+        "harmful with 12 training samples: the search space's batch size(s) [16] exceed them, "
+        "so those trials train on all 12 samples each step"
+    ]
+    attacker = Attacker("finetune-all", "sgd", 0.01, 16, horizon=2, seed=0)
+    result = run_attack(_tiny_models()["immunized"], data, attacker)
+    assert all(0.0 <= s <= 1.0 for s in result.scores)
 
 
 def test_bad_budgets_are_refused(tmp_path):
@@ -285,7 +334,9 @@ def test_bad_budgets_are_refused(tmp_path):
     path.write_text(yaml.safe_dump({"budgets": {"b": {"trials": 2, "horizon": 0}}}))
     with pytest.raises(ValueError, match="budget 'b': horizon must be an integer >= 1"):
         load_budget("b", path)
-    with pytest.raises(ValueError, match=r"unknown attack budget 'huge'.*\['long', 'quick'"):
+    with pytest.raises(
+        ValueError, match=r"unknown attack budget 'huge'.*\['durable', 'long', 'quick'"
+    ):
         load_budget("huge")
     path.write_text(yaml.safe_dump({"budgets": {"b": {"trials": 2, "horizon": 5,
                                                       "data_budgets": [0]}}}))  # fmt: skip

@@ -190,19 +190,26 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
             yield order[start : start + batch_size]
 
 
-def check_batch_size(data: AttackData, batch_sizes: Sequence[int], family: str) -> None:
-    """Raise ``ValueError`` when a batch size exceeds the training split (full-batch families
-    use every sample and are exempt)."""
+def batch_size_for(n: int, batch_size: int, family: str) -> int:
+    """The batch an attacker trains on: every sample for full-batch families and for a batch
+    size larger than the ``n`` training samples (as a data loader that keeps its last batch
+    would), else ``batch_size``."""
+    return n if family in FULL_BATCH_FAMILIES else min(int(batch_size), n)
+
+
+def full_batch_note(data: AttackData, batch_sizes: Sequence[int], family: str) -> str | None:
+    """A card note when some of ``batch_sizes`` exceed ``data``'s training split (those trials
+    train on every sample each step), else ``None``."""
     if family in FULL_BATCH_FAMILIES:
-        return
+        return None
     n = data.train_x.shape[0]
     too_big = sorted(b for b in batch_sizes if b > n)
-    if too_big:
-        raise ValueError(
-            f"attack data {data.name!r} has {n} training samples, fewer than batch size(s) "
-            f"{too_big} of the search space; raise the data budget to >= {max(too_big)} or "
-            "drop those batch sizes"
-        )
+    if not too_big:
+        return None
+    return (
+        f"{data.name} with {n} training samples: the search space's batch size(s) {too_big} "
+        f"exceed them, so those trials train on all {n} samples each step"
+    )
 
 
 def run_attack(
@@ -221,9 +228,8 @@ def run_attack(
         :class:`AttackResult`: the metric (accuracy in [0, 1], or MSE) at ``attacker.marks``.
 
     Raises:
-        ValueError: the family does not fit the extractor, or a batch exceeds the split.
+        ValueError: the family does not fit the extractor.
     """
-    check_batch_size(data, [attacker.batch_size], attacker.family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(attacker.seed)
         return _attack(extractor, data, attacker, feature_cache)
@@ -248,7 +254,7 @@ def _attack(
     optimizer = _optimizer(attacker, params)
     generator = torch.Generator().manual_seed(attacker.seed)
     n = train_x.shape[0]
-    batch = n if attacker.family in FULL_BATCH_FAMILIES else attacker.batch_size
+    batch = batch_size_for(n, attacker.batch_size, attacker.family)
     batches = _batches(n, batch, generator)
     marks, scores, diverged = attacker.marks, [], None
     next_mark = 0

@@ -8,15 +8,17 @@ for deep nets, ``scratch`` (the same architecture, random weights).
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lightning_immunize.attacks.attacker import (
     AttackData,
-    check_batch_size,
+    full_batch_note,
     run_attack,
     step_marks,
 )
@@ -28,6 +30,7 @@ from lightning_immunize.attacks.search import (
     sqlite_url,
     worst_case_search,
 )
+from lightning_immunize.fingerprints import fingerprint, named_fingerprint
 
 MODEL_NAMES = ("immunized", "reference", "scratch")
 STUDIES_NAME = "studies.db"
@@ -134,8 +137,32 @@ def plan_studies(
         notes.append("trainability not measured: no benign task for this data")
     for study in studies:
         check_supported(models[study.model], study.family, study.model)
-        check_batch_size(study.data, budget.space.batch_sizes, study.family)
+        note = full_batch_note(study.data, budget.space.batch_sizes, study.family)
+        if note is not None and note not in notes:
+            notes.append(note)
     return studies
+
+
+def study_key(study: Study, model_fingerprint: str, budget: Budget) -> str:
+    """The study's name in the storage: :attr:`Study.name` plus a fingerprint of what decides
+    its trials — the model's weights and trainable set, the attack data, the horizon and the
+    search space. Cards sharing a storage (``--storage``) reuse a study only when all of these
+    agree (θ_0's and scratch's searches when several immunized models face the same θ_0)."""
+    data = study.data
+    tensors = [data.train_x, data.train_y, data.eval_x, data.eval_y]
+    data_fp = fingerprint(*tensors)
+    settings = f"{model_fingerprint}|{data_fp}|{data.task}|{data.num_outputs}|"
+    settings += f"{budget.horizon}|{budget.space!r}"
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return f"{study.name}@{digest}"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of a model's parameters, buffers and which parameters are trainable."""
+    trainable = ",".join(n for n, p in model.named_parameters() if p.requires_grad)
+    return named_fingerprint(
+        [*model.state_dict().items(), ("trainable:" + trainable, torch.zeros(0))]
+    )
 
 
 def trial_row(study: Study, record: TrialRecord) -> dict[str, object]:
@@ -204,8 +231,10 @@ def run_studies(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or sqlite_url(out / STUDIES_NAME)
     store = optuna.storages.RDBStorage(url)
+    model_fps = {name: model_fingerprint(models[name]) for name in {s.model for s in studies}}
+    keys = {s.name: study_key(s, model_fps[s.model], budget) for s in studies}
     records: dict[str, list[TrialRecord]] = {
-        s.name: finished_trials(store, s.name)[: s.trials(budget)] for s in studies
+        s.name: finished_trials(store, keys[s.name])[: s.trials(budget)] for s in studies
     }
     cache: dict = {}
 
@@ -232,7 +261,7 @@ def run_studies(
             model = models[study.model]
             records[study.name] = worst_case_search(
                 store,
-                study.name,
+                keys[study.name],
                 lambda attacker, model=model, data=study.data: run_attack(
                     model, data, attacker, cache
                 ),

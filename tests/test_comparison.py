@@ -1,0 +1,70 @@
+"""Comparing methods from their cards: the goal rule and the tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_immunize.attacks.comparison import (
+    CardRun,
+    comparison_markdown,
+    goal_met,
+    load_card_run,
+)
+
+MARKS = [1, 3, 10, 30, 100, 300]
+
+
+def _entry(immunized: list[float], removed: float | None) -> dict:
+    return {
+        "immunized": {"worst_case": immunized},
+        "reference": {"worst_case": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]},
+        "scratch": {"worst_case": [0.2, 0.2, 0.3, 0.4, 0.5, 0.8]},
+        "advantage_removed": removed,
+    }
+
+
+def _run(method: str, seed: int, removed: dict[str, float | None], after: float = 0.985):
+    families = {f: _entry([0.2 + 0.1 * seed] * 6, r) for f, r in removed.items()}
+    card = {"marks": MARKS, "metrics": {"resistance": "accuracy"},
+            "resistance": {"100": families}}  # fmt: skip
+    immunization = {"rir": 2.0 + seed, "task_metric": after, "task_metric_before": 0.99,
+                    "seconds": 60.0}  # fmt: skip
+    return CardRun(method, seed, card, immunization)
+
+
+ALL = ("finetune-immunized", "finetune-all", "lora")
+
+
+def test_the_goal_needs_every_finetuning_family_and_d_p_within_one_point():
+    assert goal_met(_run("m", 1, dict.fromkeys(ALL, 0.85)), "100")
+    assert not goal_met(_run("m", 1, dict.fromkeys(ALL, 0.85), after=0.979), "100")
+    assert goal_met(_run("m", 1, dict.fromkeys(ALL, 0.85), after=0.981), "100")
+    assert not goal_met(_run("m", 1, {**dict.fromkeys(ALL, 0.9), "lora": 0.79}), "100")
+    assert not goal_met(_run("m", 1, {**dict.fromkeys(ALL, 0.9), "lora": None}), "100")
+    assert not goal_met(_run("m", 1, {"finetune-all": 0.9}), "100")  # families missing
+    assert not goal_met(_run("m", 1, dict.fromkeys(ALL, 0.9)), "128")  # another budget
+
+
+def test_the_tables_give_each_method_over_its_seeds_against_theta_0_and_scratch():
+    runs = [
+        _run("a", 1, dict.fromkeys(ALL, 0.9)),
+        _run("a", 2, dict.fromkeys(ALL, 0.1)),
+        _run("b", 1, dict.fromkeys(ALL, -0.2), after=0.9),
+    ]
+    text = comparison_markdown(runs, "100", ALL)
+    assert "| a | 1, 2 | -0.50 ± 0.00 | 3.50 ± 0.71 | 60 ± 0 | 0.50 ± 0.57 |" in text
+    assert text.count("| 1/2 |") == 1 and "| b | 1 | -9.00 | 3.00 | 60 |" in text
+    assert "| `lora` | θ_0 | 0.800 | 0.900 | 0.950 |" in text
+    assert "| `lora` | scratch | 0.400 | 0.500 | 0.800 |" in text
+    assert "| `lora` | a | 0.350 | 0.350 | 0.350 |" in text  # mean of 0.3 and 0.4
+    with pytest.raises(ValueError, match="no runs"):
+        comparison_markdown([], "100", ALL)
+
+
+def test_missing_files_are_named(tmp_path):
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "card.json").write_text(json.dumps({"marks": MARKS}))
+    with pytest.raises(FileNotFoundError, match="run/immunization.json does not exist"):
+        load_card_run("m", 1, tmp_path / "card", tmp_path / "run")
