@@ -10,7 +10,9 @@ from lightning_immunize.attacks.comparison import (
     CardRun,
     comparison_markdown,
     goal_met,
+    largest_advantage_budget,
     load_card_run,
+    reference_advantage,
 )
 
 MARKS = [1, 3, 10, 30, 100, 300]
@@ -68,3 +70,21 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "card" / "card.json").write_text(json.dumps({"marks": MARKS}))
     with pytest.raises(FileNotFoundError, match="run/immunization.json does not exist"):
         load_card_run("m", 1, tmp_path / "card", tmp_path / "run")
+
+
+def test_the_goal_budget_is_where_theta_0_leads_scratch_most():
+    def entry(ref: float, scratch: float) -> dict:
+        return {"reference": {"mean": ref}, "scratch": {"mean": scratch}}
+
+    card = {"resistance": {
+        "20": {f: entry(0.7, 0.3) for f in ALL},
+        "100": {**{f: entry(0.8, 0.5) for f in ALL}, "lora": entry(0.8, 0.1)},
+        "all": {f: entry(0.9, 0.85) for f in ALL if f != "lora"},
+    }}  # fmt: skip
+    assert reference_advantage(card, "20") == pytest.approx(0.4)
+    assert reference_advantage(card, "100") == pytest.approx((0.3 + 0.3 + 0.7) / 3)
+    assert reference_advantage(card, "all") is None  # lora missing
+    assert largest_advantage_budget(card) == "100"
+    assert largest_advantage_budget(card, ["finetune-all"]) == "20"
+    with pytest.raises(ValueError, match="no data budget of the card has every family"):
+        largest_advantage_budget({"resistance": {"all": card["resistance"]["all"]}})

@@ -22,6 +22,8 @@ __all__ = [
     "GOAL_STABILITY_DROP",
     "CardRun",
     "load_card_run",
+    "reference_advantage",
+    "largest_advantage_budget",
     "goal_met",
     "comparison_markdown",
 ]
@@ -77,6 +79,37 @@ def load_card_run(method: str, seed: int, card_dir: str | Path, run_dir: str | P
     return CardRun(
         method, seed, json.loads(card_path.read_text()), json.loads(run_path.read_text())
     )
+
+
+def reference_advantage(
+    card: dict[str, Any], data_budget: str, families: Sequence[str] = GOAL_FAMILIES
+) -> float | None:
+    """θ_0's head start over scratch at ``data_budget``: ``A_ref − A_scratch`` (A, the mean
+    worst-case score over the marks) averaged over ``families``; ``None`` if one is missing."""
+    gaps = []
+    for family in families:
+        entry = card.get("resistance", {}).get(data_budget, {}).get(family)
+        if entry is None or "scratch" not in entry:
+            return None
+        gaps.append(entry["reference"]["mean"] - entry["scratch"]["mean"])
+    return statistics.mean(gaps)
+
+
+def largest_advantage_budget(card: dict[str, Any], families: Sequence[str] = GOAL_FAMILIES) -> str:
+    """The card's data budget where θ_0's head start over scratch is largest: where an
+    immunization has the most to take away (and the goal is judged).
+
+    Raises:
+        ValueError: no data budget of the card holds every family with a scratch model.
+    """
+    gaps = {
+        budget: gap
+        for budget in card.get("resistance", {})
+        if (gap := reference_advantage(card, budget, families)) is not None
+    }
+    if not gaps:
+        raise ValueError(f"no data budget of the card has every family of {list(families)}")
+    return max(gaps, key=gaps.get)
 
 
 def goal_met(run: CardRun, data_budget: str, families: Sequence[str] = GOAL_FAMILIES) -> bool:

@@ -13,12 +13,15 @@ from pathlib import Path
 from lightning_immunize.attacks.comparison import (
     GOAL_FAMILIES,
     comparison_markdown,
+    largest_advantage_budget,
     load_card_run,
+    reference_advantage,
 )
 
 HERE = Path(__file__).resolve().parent
 KEEP = ("card.md", "card.json", "trials.csv", "effort.png", "search.png")
 ORDER = ("ours", "sophon", "tar", "ours_sa")
+FAMILIES = ("probe", *GOAL_FAMILIES)
 
 
 def main(work: Path) -> None:
@@ -43,9 +46,17 @@ def main(work: Path) -> None:
         if objective.is_file():
             shutil.copy2(objective, dest / "objective.yaml")
     runs.sort(key=lambda r: (ORDER.index(r.method.split(" ")[0]), r.seed))
-    table = comparison_markdown(runs, "100", ("probe", *GOAL_FAMILIES))
-    (HERE / "summary.md").write_text(table)
-    print(table)
+    card = runs[0].card
+    goal = largest_advantage_budget(card)
+    parts = []
+    for budget in card["resistance"]:
+        gap = reference_advantage(card, budget)
+        title = f"## n = {budget} harmful images: θ_0's head start over scratch {gap:.3f}"
+        title += " (the largest: the goal is judged here)" if budget == goal else ""
+        parts.append(title + "\n\n" + comparison_markdown(runs, budget, FAMILIES))
+    text = "\n".join(parts)
+    (HERE / "summary.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
