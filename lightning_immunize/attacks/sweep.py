@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lightning_immunize.attacks.attacker import (
@@ -30,7 +29,8 @@ from lightning_immunize.attacks.search import (
     sqlite_url,
     worst_case_search,
 )
-from lightning_immunize.fingerprints import fingerprint, named_fingerprint
+from lightning_immunize.fingerprints import fingerprint
+from lightning_immunize.pretraining import state_fingerprint
 
 MODEL_NAMES = ("immunized", "reference", "scratch")
 STUDIES_NAME = "studies.db"
@@ -158,11 +158,9 @@ def study_key(study: Study, model_fingerprint: str, budget: Budget) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of a model's parameters, buffers and which parameters are trainable."""
+    """Fingerprint of a model's parameters and buffers, and which parameters are trainable."""
     trainable = ",".join(n for n, p in model.named_parameters() if p.requires_grad)
-    return named_fingerprint(
-        [*model.state_dict().items(), ("trainable:" + trainable, torch.zeros(0))]
-    )
+    return f"{state_fingerprint(model)}|trainable:{trainable}"
 
 
 def trial_row(study: Study, record: TrialRecord) -> dict[str, object]:
