@@ -9,6 +9,7 @@ restores a trained run.
 from __future__ import annotations
 
 import copy
+import csv
 import logging
 import tempfile
 import warnings
@@ -23,13 +24,20 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.export import load_checkpoint
 from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.run_folder import (
+    LAST_CHECKPOINT,
+    REPORT_NAME,
+    run_folders,
+    unfinished_runs,
+)
 
 __all__ = [
     "ImmunizationCLI",
@@ -49,6 +57,10 @@ KNOWN_IRRELEVANT_WARNINGS = (
     r".*Total length of .* across ranks is zero.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
+
+
+#: Lightning's CSV logger's file in a run folder.
+METRICS_NAME = "metrics.csv"
 
 
 class _DropTips(logging.Filter):
@@ -93,30 +105,69 @@ class ImmunizationCLI(LightningCLI):
         checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
         if checkpointing and not any(isinstance(cb, LastCheckpoint) for cb in callbacks):
             callbacks.append(LastCheckpoint())
-        if self.config[self.subcommand].get("ckpt_path") == "last":
-            _resume_in_last_run(self.trainer)
+        fit_args = self.config_init[self.subcommand]
+        if fit_args.get("ckpt_path") == "last":
+            ckpt = _resume_in_last_run(self.trainer)
+            if ckpt is not None:
+                fit_args["ckpt_path"] = str(ckpt)
+        if fit_args.get("ckpt_path") and fit_args.get("weights_only") is None:
+            # Our checkpoints hold tensors and plain containers only; refuse anything else.
+            fit_args["weights_only"] = True
 
 
-def _resume_in_last_run(trainer: pl.Trainer) -> None:
-    """``--ckpt_path last``: continue in the newest run folder that holds ``last.ckpt`` instead of
-    opening a new ``version_N`` (where Lightning would find no checkpoint and start over)."""
+def _resume_in_last_run(trainer: pl.Trainer) -> Path | None:
+    """``--ckpt_path last``: continue the newest *unfinished* run folder (interrupted or killed:
+    a ``last.ckpt`` and no ``immunization.json``) in place, instead of opening a new
+    ``version_N`` where Lightning would find no checkpoint and start over. A finished run is
+    never continued. Returns the checkpoint to resume from (``None``: no versioned logger)."""
     logger = trainer.logger
     if logger is None or not hasattr(logger, "_version") or logger.save_dir is None:
-        return
+        return None
     root = Path(logger.save_dir) / str(logger.name)
-    runs = [
-        d
-        for d in root.glob("version_*")
-        if (d / "checkpoints" / "last.ckpt").is_file() and d.name[8:].isdigit()
-    ]
+    runs = unfinished_runs(root)
     if not runs:
+        finished = [d.name for d in run_folders(root) if (d / REPORT_NAME).is_file()]
+        also = f" (finished runs there: {', '.join(finished)})" if finished else ""
         raise FileNotFoundError(
-            f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt, so there is "
-            "nothing to resume; run without --ckpt_path to start a new run."
+            f"--ckpt_path last: no unfinished run under {root}{also}, so there is nothing to "
+            "resume (a run is unfinished when it has checkpoints/last.ckpt and no "
+            "immunization.json); run without --ckpt_path to start a new run."
         )
-    newest = max(runs, key=lambda d: int(d.name[8:]))
+    newest = runs[-1]
+    ckpt = newest / LAST_CHECKPOINT
     logger._version = int(newest.name[8:])
-    rank_zero_info(f"resuming in {newest} from {newest / 'checkpoints' / 'last.ckpt'}")
+    _keep_logged_metrics(logger, newest, int(load_checkpoint(ckpt)["global_step"]))
+    rank_zero_info(f"resuming the unfinished run {newest} from {ckpt}")
+    return ckpt
+
+
+def _keep_logged_metrics(logger: Any, run: Path, step: int) -> None:
+    """Lightning's CSV logger deletes a run's ``metrics.csv`` when it opens the folder again:
+    keep the rows logged before ``step`` (the resumed checkpoint's) and let the resumed fit
+    append to them. Rows from after the checkpoint are dropped: the resumed fit logs them
+    again."""
+    path = run / METRICS_NAME
+    if not isinstance(logger, CSVLogger) or rank_zero_only.rank != 0 or not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = [r for r in reader if _row_step(r) < step]
+    with warnings.catch_warnings():  # "...will be deleted": not so, they are written back
+        warnings.filterwarnings("ignore", message=r".*Previous log files in this directory.*")
+        writer = logger.experiment
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=header)
+        out.writeheader()
+        out.writerows(rows)
+    writer.metrics_keys = header
+
+
+def _row_step(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return float("nan")
 
 
 def instantiate(args: Sequence[str]) -> ImmunizationCLI:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,14 +22,20 @@ DESCRIPTION = "Model immunization from a condition-number perspective (ICML 2025
 
 
 def _lightning_cli(argv: Sequence[str] | None) -> int:
-    from lightning_immunize.build import ImmunizationCLI, known_noise_filtered
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    with known_noise_filtered():
-        ImmunizationCLI(
-            argv,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION},
-        )
+    from lightning_immunize.build import ImmunizationCLI, known_noise_filtered
+    from lightning_immunize.interruption import Interrupted, stop_requests
+
+    try:
+        with known_noise_filtered():
+            ImmunizationCLI(
+                argv,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"description": DESCRIPTION},
+            )
+    except SIGTERMException as stop:  # Lightning's own SIGTERM stop, a SystemExit with status 0
+        raise Interrupted(signal.SIGTERM, stop_requests.detail) from stop
     return 0
 
 
@@ -287,13 +294,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    from lightning_immunize.interruption import Interrupted, stop_requests
+
     try:
-        if argv[0] in SUBCOMMANDS:
-            return SUBCOMMANDS[argv[0]](argv[1:])
-        if from_command_line:
-            sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; --debug is ours
-            return _lightning_cli(None)
-        return _lightning_cli(argv)
+        with stop_requests.installed():
+            if argv[0] in SUBCOMMANDS:
+                return SUBCOMMANDS[argv[0]](argv[1:])
+            if from_command_line:
+                sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; --debug is ours
+                return _lightning_cli(None)
+            return _lightning_cli(argv)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        if debug or not from_command_line:
+            raise
+        if not isinstance(stop, Interrupted):
+            stop = Interrupted(signal.SIGINT)
+        hint = ""
+        if not stop.detail:
+            hint = (
+                " Resume with the same command plus --ckpt_path last if the run has a "
+                "checkpoints/last.ckpt."
+                if argv[0] == "fit"
+                else " Run the same command again to resume."
+            )
+        print(f"lightning-immunize: {str(stop).rstrip('.')}.{hint}", file=sys.stderr)
+        return stop.exit_status
     except USER_ERRORS as error:
         if debug or not from_command_line:
             raise

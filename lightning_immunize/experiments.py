@@ -444,6 +444,17 @@ def write_summary(protocol: str, out: str | Path, command: str | None = None) ->
     return table
 
 
+def _run_report(ckpt: str | Path, run_report: str | Path | None) -> dict[str, Any] | None:
+    """The run's ``immunization.json`` (``run_report``, default: the one of ``ckpt``'s run
+    folder; ``None`` when there is none), after refusing a checkpoint that is behind it."""
+    from lightning_immunize.export import load_checkpoint
+    from lightning_immunize.run_folder import REPORT_NAME, check_checkpoint_current, checkpoint_run
+
+    report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
+    check_checkpoint_current(ckpt, load_checkpoint(ckpt).get("global_step"), report_path)
+    return json.loads(report_path.read_text()) if report_path.is_file() else None
+
+
 def evaluate_checkpoint(
     config: str | Path,
     ckpt: str | Path,
@@ -467,11 +478,9 @@ def evaluate_checkpoint(
     from lightning_immunize.evaluation.study import probing_study
     from lightning_immunize.evaluation.tables import evaluation_markdown
     from lightning_immunize.models import LinearExtractor
-    from lightning_immunize.run_folder import REPORT_NAME, checkpoint_run
 
+    recorded = _run_report(ckpt, run_report)
     module, datamodule, theta_0 = load_trained(config, ckpt)
-    report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
-    recorded = json.loads(report_path.read_text()) if report_path.is_file() else None
     check_data_fingerprint(datamodule, recorded, allow_data_mismatch)
     linear = isinstance(module.extractor, LinearExtractor)
     reference = None if linear else theta_0
@@ -526,13 +535,11 @@ def attack_checkpoint(
     from lightning_immunize.attacks.tasks import attack_tasks, released_models
     from lightning_immunize.build import load_run
     from lightning_immunize.evaluation.report import check_data_fingerprint, task_metric
-    from lightning_immunize.run_folder import REPORT_NAME, checkpoint_run
 
     chosen = load_budget(budget, budgets_path or DEFAULT_BUDGETS)
+    recorded = _run_report(ckpt, run_report)
     with _quiet():
         run = load_run(config, ckpt)
-    report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
-    recorded = json.loads(report_path.read_text()) if report_path.is_file() else None
     check_data_fingerprint(run.datamodule, recorded, allow_data_mismatch)
     stability = {"immunized": task_metric(run.module, run.datamodule).get("task_metric")}
     models = released_models(run.module.extractor, run.theta_0, chosen.space.seed)

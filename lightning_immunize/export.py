@@ -22,7 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_immunize.run_folder import CONFIG_NAME, REPORT_NAME, checkpoint_run
+from lightning_immunize.run_folder import (
+    CONFIG_NAME,
+    REPORT_NAME,
+    check_checkpoint_current,
+    checkpoint_run,
+)
 
 __all__ = [
     "load_checkpoint",
@@ -186,14 +191,19 @@ def export_extractor(
 def _epochs_done(checkpoint: Mapping[str, Any]) -> int | None:
     """Training epochs whose batches all ran, from the fit loop's state (``None``: absent).
 
-    A checkpoint written at an epoch's end, before Lightning counts the epoch as processed
-    (e.g. at validation end), has all the epoch's batches done (``is_last_batch``).
+    A checkpoint written at an epoch's end before Lightning counts the epoch as processed —
+    after its last batch (``last.ckpt``) or at validation end — has all the epoch's batches
+    done (``is_last_batch``).
     """
     try:
         fit_loop = checkpoint["loops"]["fit_loop"]
         epochs = fit_loop["epoch_progress"]["total"]
+        batches = fit_loop["epoch_loop.batch_progress"]
         done = int(epochs["processed"])
-        if int(epochs["started"]) > done and fit_loop["epoch_loop.batch_progress"]["is_last_batch"]:
+        # Inside the last batch's end hooks, or between it and the epoch's count (Lightning
+        # does not count a resumed epoch as started: the batches tell).
+        inside_last = int(batches["current"]["processed"]) > int(batches["current"]["completed"])
+        if batches["is_last_batch"] and (int(epochs["started"]) > done or inside_last):
             done += 1
     except (KeyError, TypeError, ValueError):
         return None
@@ -289,11 +299,13 @@ def export_checkpoint(
 
     Raises:
         FileNotFoundError: a missing checkpoint, or an explicit ``report`` that does not exist.
-        ValueError: ``ckpt`` is not a Lightning checkpoint.
+        ValueError: ``ckpt`` is not a Lightning checkpoint, or it is behind ``report`` (an
+            earlier step than the fit the figures describe).
     """
     checkpoint = load_checkpoint(ckpt)
     metadata = dict(checkpoint.get("immunization", {}))
     report_path = Path(report) if report else checkpoint_run(ckpt) / REPORT_NAME
+    check_checkpoint_current(ckpt, checkpoint.get("global_step"), report_path)
     if report_path.is_file():
         figures = json.loads(report_path.read_text())
         metadata.update({k: figures[k] for k in REPORT_KEYS if k in figures})

@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 
 from .base import PairedDataModule
 
-__all__ = ["HousePricesDataModule", "encode_and_standardize"]
+__all__ = ["HousePricesDataModule", "check_cells", "check_target", "encode_and_standardize"]
 
 STANDARDIZE_ON = ("split", "train")
 COLUMN_RULES = ("per_split", "shared")
@@ -96,6 +96,72 @@ def _standardize(a: np.ndarray, ref: slice) -> np.ndarray:
     centered = a - mean
     safe = np.where(std > 0, std, 1.0)
     return np.where(std > 0, centered / safe, 0.0)
+
+
+def _line(index: object) -> int:
+    """The file line of a row read by ``pd.read_csv`` (1-based, the header on line 1)."""
+    return int(index) + 2  # type: ignore[call-overload]
+
+
+def check_cells(frame: pd.DataFrame, path: Path | str) -> None:
+    """Refuses cells that would silently train on garbage.
+
+    Raises:
+        ValueError: a column whose values are mostly numbers holds a non-numeric string (pandas
+            would read the whole column as categories), or a numeric cell is ``±inf``; the
+            message names the column, the first bad line of ``path`` and its value.
+    """
+    for name in frame.columns:
+        col = frame[name]
+        if pd.api.types.is_numeric_dtype(col):
+            bad = col.index[np.isinf(col.to_numpy(dtype=np.float64, na_value=np.nan))]
+            if len(bad):
+                raise ValueError(
+                    f"{path}: column {name!r} holds a non-finite value ({col[bad[0]]}) on line "
+                    f"{_line(bad[0])} ({len(bad)} such cell(s)); expected finite numbers or "
+                    "an empty cell."
+                )
+            continue
+        present = col.dropna()
+        as_numbers = pd.to_numeric(present, errors="coerce")
+        if len(present) and as_numbers.notna().mean() >= 0.5:
+            bad = present.index[as_numbers.isna()]
+            raise ValueError(
+                f"{path}: column {name!r} is numeric but line {_line(bad[0])} holds "
+                f"{present[bad[0]]!r} ({len(bad)} non-numeric cell(s)); expected a number or "
+                "an empty cell."
+            )
+
+
+def check_target(
+    frame: pd.DataFrame, target: str, side: str, path: Path | str, stats_rows: int | None
+) -> None:
+    """Refuses a split's target that cannot be learned: missing values (a 0 would stand in
+    for them) or one value for every row (nothing to predict; std 0).
+
+    Raises:
+        ValueError: naming the column, the split and the first bad line of ``path``.
+    """
+    y = frame[target]
+    missing = y.index[y.isna()]
+    if len(missing) == len(y):
+        raise ValueError(
+            f"{path}: target column {target!r} of the {side} split is empty (none of its "
+            f"{len(y)} rows used has a value, from line {_line(y.index[0])}); expected numbers."
+        )
+    if len(missing):
+        raise ValueError(
+            f"{path}: target column {target!r} of the {side} split is missing on line "
+            f"{_line(missing[0])} ({len(missing)} missing); expected a number in every row."
+        )
+    ref = y if stats_rows is None else y.iloc[:stats_rows]
+    if ref.nunique() < 2:
+        raise ValueError(
+            f"{path}: target column {target!r} of the {side} split is constant "
+            f"({ref.iloc[0]} on every row used, lines {_line(ref.index[0])}-"
+            f"{_line(ref.index[-1])}): "
+            "nothing to learn; expected varying values."
+        )
 
 
 class HousePricesDataModule(PairedDataModule):
@@ -209,6 +275,7 @@ class HousePricesDataModule(PairedDataModule):
         missing = [c for c in dict.fromkeys(required) if c not in df.columns]
         if missing:
             raise ValueError(f"{self.csv_path}: missing required column(s) {missing}")
+        check_cells(df, self.csv_path)
         for target in (self.pretrain_target, self.harmful_target):
             if not pd.api.types.is_numeric_dtype(df[target]):
                 raise ValueError(f"{self.csv_path}: target column {target!r} is not numeric")
@@ -227,9 +294,9 @@ class HousePricesDataModule(PairedDataModule):
         self._set_input_dim(len(self._feature_columns["pretrain"]))
 
         is_harmful = df[self.zone_column].astype(str) == str(self.harmful_zone)
-        splits = {
-            "pretrain": (df[~is_harmful].reset_index(drop=True), self.pretrain_target),
-            "harmful": (df[is_harmful].reset_index(drop=True), self.harmful_target),
+        splits = {  # each split keeps the file's row index, for the errors' line numbers
+            "pretrain": (df[~is_harmful], self.pretrain_target),
+            "harmful": (df[is_harmful], self.harmful_target),
         }
         datasets: dict[str, tuple[TensorDataset, TensorDataset | None]] = {}
         for side, (frame, target) in splits.items():
@@ -247,6 +314,8 @@ class HousePricesDataModule(PairedDataModule):
                     f"{self.train_rows} + {n_val}"
                 )
             stats_rows = self.train_rows if self.standardize_on == "train" else None
+            used = self.train_rows + n_val
+            check_target(frame.iloc[:used], target, side, self.csv_path, stats_rows)
             cols = self._feature_columns[side]
             x, y = encode_and_standardize(frame, cols, target, stats_rows)
             xt = torch.from_numpy(x).to(self.dtype)
@@ -281,19 +350,18 @@ class HousePricesDataModule(PairedDataModule):
         )
 
     def _log_filled(self, splits: dict[str, tuple[pd.DataFrame, str]]) -> None:
-        """Logs (once per build) how many missing values each split's columns had: all
-        were filled with 0 (category ``"0"`` for categorical columns)."""
-        parts = []
-        total = 0
-        for side, (frame, target) in splits.items():
-            counts = frame[[*self._feature_columns[side], target]].isna().sum()
-            counts = counts[counts > 0]
-            if len(counts):
-                total += int(counts.sum())
-                listed = ", ".join(f"{name} {int(n)}" for name, n in counts.items())
-                parts.append(f"{side} split ({len(frame)} rows): {listed}")
-        if total:
+        """Logs (once per build, one line) how many missing values each feature column had
+        over both splits: all were filled with 0 (category ``"0"`` for categorical columns)."""
+        counts: dict[str, int] = {}
+        for side, (frame, _) in splits.items():
+            for name, n in frame[self._feature_columns[side]].isna().sum().items():
+                if n:
+                    counts[name] = counts.get(name, 0) + int(n)
+        if counts:
+            listed = ", ".join(
+                f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])
+            )
             rank_zero_info(
-                f"House Prices {self.csv_path}: filled {total} missing values with 0 "
-                f'(categorical columns: the category "0"); per column, {"; ".join(parts)}'
+                f"House Prices {self.csv_path}: missing values filled with 0 (categorical: the "
+                f'category "0") in {len(counts)} columns: {listed}'
             )

@@ -1,0 +1,233 @@
+"""Checkpoints you can trust after a stop: ``last.ckpt`` on disk during the fit, a Ctrl-C or
+SIGTERM at a random moment resumed to the uninterrupted run's weights and metrics, a SIGKILL
+that never makes ``--ckpt_path last`` touch a finished run, and no command that uses a
+checkpoint older than the run's report."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPPORT = Path(__file__).resolve().parent / "support"
+RUN = Path("lightning_logs")
+
+
+def _args(root: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "lightning_immunize.cli", "fit",
+        "--config", str(ROOT / "configs" / "house_prices.yaml"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(root),
+        *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)])}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_immunize.cli", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _args(root, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The house-prices fit of the README (300 steps), never interrupted: its run folder."""
+    root = tmp_path_factory.mktemp("full")
+    out = _fit(root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / RUN / "version_0"
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    a, b = (
+        _state(run / "checkpoints" / "last.ckpt"),
+        _state(reference / "checkpoints" / "last.ckpt"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    report = json.loads((run / "immunization.json").read_text())
+    expected = json.loads((reference / "immunization.json").read_text())
+    assert report["steps"] == expected["steps"] == 300
+    assert report["rir"] == pytest.approx(expected["rir"], rel=1e-12)
+    # Every metric row of both segments, none twice, none lost.
+    assert (run / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (reference / "checkpoints").iterdir()
+    )  # last.ckpt overwritten in place: no last-v1.ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_at_a_random_moment_resumes_to_the_uninterrupted_weights(
+    uninterrupted, tmp_path, signum
+):
+    seed = random.randrange(10**6)
+    delay = random.Random(seed).uniform(0.0, 1.2)
+    proc = subprocess.Popen(
+        _args(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    run = tmp_path / RUN / "version_0"
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.ckpt").is_file() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(delay)  # somewhere in the 300 steps: mid-batch, mid-epoch, at validation...
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    context = f"seed {seed}, delay {delay:.3f} s: {stderr[-2000:]}"
+    if proc.returncode == 0:
+        pytest.skip(f"the fit ended before the signal ({context})")
+    assert proc.returncode == 128 + signum, context
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("lightning-immunize: interrupted")]
+    assert len(lines) == 1 and "--ckpt_path last" in lines[0], context
+    assert "Traceback" not in stderr, context
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved < 300 and f"at step {saved}" in lines[0], context
+    assert not (run / "immunization.json").exists()
+
+    resumed = _fit(tmp_path, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "weights_only" not in resumed.stderr
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["version_0"]
+    _assert_same_run(run, uninterrupted)
+
+    # The export of the resumed run carries its final weights and the fit's end.
+    exported = run / "immunized.safetensors"
+    out = _run("export", str(run), "--out", str(exported))
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = _state(uninterrupted / "checkpoints" / "last.ckpt")
+    with safe_open(str(exported), framework="pt") as f:
+        header = f.metadata()
+        for key in f.keys():
+            assert torch.equal(f.get_tensor(key), final[f"extractor.{key}"]), key
+    assert header["steps"] == "300" and header["partial"] == "false"
+
+
+@pytest.mark.slow
+def test_sigkill_then_ckpt_path_last_resumes_the_killed_run_never_the_finished_one(
+    uninterrupted, tmp_path
+):
+    finished = _fit(tmp_path, "--trainer.max_epochs", "5")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    done = tmp_path / RUN / "version_0"
+    before = {p.name: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+
+    kill = json.dumps([{"class_path": "fault_callbacks.KillAtStep", "init_args": {"step": 50}}])
+    killed = _fit(tmp_path, "--trainer.callbacks+", kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / RUN / "version_1"
+    # Written at the last epoch end before the kill (3 batches an epoch).
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
+
+    resumed = _fit(tmp_path, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the unfinished run {run}" in resumed.stderr
+    assert {p.name: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+    _assert_same_run(run, uninterrupted)
+
+    again = _fit(tmp_path, "--ckpt_path", "last")
+    assert again.returncode == 2
+    (message,) = [ln for ln in again.stderr.splitlines() if "error:" in ln]
+    assert "no unfinished run" in message and "version_0, version_1" in message
+
+
+def test_last_ckpt_is_on_disk_at_every_epoch_end_during_the_fit(tmp_path):
+    """Polled from inside the fit: at the start of epoch e, last.ckpt holds the end of e-1."""
+    import lightning.pytorch as pl
+    from torch.utils.data import TensorDataset
+
+    from lightning_immunize.callbacks import LastCheckpoint
+    from lightning_immunize.datamodules import PairedDataModule
+    from lightning_immunize.models import LinearExtractor, LinearHead
+    from lightning_immunize.module import ImmunizationModule
+
+    seen: list[tuple[int, int | None]] = []
+
+    class Poll(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            last = tmp_path / "last.ckpt"
+            step = torch.load(last, weights_only=True)["global_step"] if last.is_file() else None
+            seen.append((trainer.current_epoch, step))
+
+    gen = torch.Generator().manual_seed(0)
+    pretrain = TensorDataset(torch.randn(40, 5, generator=gen), torch.zeros(40))
+    harmful = TensorDataset(torch.randn(40, 5, generator=gen), torch.ones(40))
+    module = ImmunizationModule(LinearExtractor(5, 5, seed=1), LinearHead(5, 1, "binary"))
+    trainer = pl.Trainer(
+        max_epochs=4,
+        precision="64-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=10,
+        callbacks=[Poll(), LastCheckpoint(str(tmp_path))],
+    )
+    trainer.fit(
+        module, PairedDataModule(pretrain, harmful, batch_size=8, task="binary", num_classes=2)
+    )
+    assert seen == [(0, None), (1, 5), (2, 10), (3, 15)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    out = _run(
+        "fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / RUN / "version_0"
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate", "attack"])
+def test_a_checkpoint_behind_the_runs_report_is_refused_naming_both_steps(
+    digits_run, tmp_path, command
+):
+    checkpoint = torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=True)
+    steps = json.loads((digits_run / "immunization.json").read_text())["steps"]
+    assert checkpoint["global_step"] == steps
+    checkpoint["global_step"] = 3
+    stale = digits_run / "checkpoints" / "stale.ckpt"
+    torch.save(checkpoint, stale)
+    args = {
+        "export": ["--ckpt", str(stale), "--out", str(tmp_path / "x.safetensors")],
+        "evaluate": [str(digits_run), "--ckpt", str(stale), "--out", str(tmp_path / "ev")],
+        "attack": [str(digits_run), "--ckpt", str(stale), "--out", str(tmp_path / "card")],
+    }[command]
+    out = _run(command, *args)
+    assert out.returncode == 2, out.stderr[-3000:]
+    first = out.stderr.splitlines()[0]
+    assert "holds step 3" in first and f"at step {steps}" in first, first
+    assert list(tmp_path.iterdir()) == []  # refused before any work
