@@ -460,6 +460,7 @@ class SimulatedAttackObjective(_AttackerAwareObjective):
     """
 
     name = "sophon"
+    simulates_fine_tuning = True
 
     def __init__(
         self,
@@ -573,6 +574,7 @@ class TamperResistanceObjective(_AttackerAwareObjective):
     """
 
     name = "tar"
+    simulates_fine_tuning = True
 
     def __init__(
         self,
@@ -645,6 +647,7 @@ class AttackerAwareConditionNumberObjective(Objective):
     """
 
     name = "ours_sa"
+    simulates_fine_tuning = True
 
     def __init__(
         self,

@@ -8,9 +8,13 @@ restores a trained run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import io
 import logging
+import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,12 +29,16 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+# Imported for its subclasses of Objective: ``--model.objective SimulatedAttackObjective``
+# (a short class name) resolves among the imported ones.
+from lightning_immunize import attacker_aware  # noqa: F401
 from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.export import load_checkpoint
+from lightning_immunize.models import LinearExtractor
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.run_folder import (
     LAST_CHECKPOINT,
@@ -84,9 +92,81 @@ def known_noise_filtered() -> Iterator[None]:
             logger.removeFilter(tips)
 
 
+class ConfigError(ValueError):
+    """A config file or command-line argument the parser refuses, in one line."""
+
+
+def parser_error_line(text: str) -> str:
+    r"""jsonargparse's error report (usage, tip, then ``error: ...`` over several lines) as one
+    line naming the key, what it expects and what it got.
+
+    Example:
+        >>> parser_error_line(
+        ...     'usage: x\nerror: Parser key "seed_everything":\n  Does not validate against '
+        ...     "any of the Union subtypes\n  Subtypes: [<class 'bool'>, <class 'int'>]\n  "
+        ...     "Errors:\n    - Expected a <class 'bool'>\n    - Expected a <class 'int'>\n  "
+        ...     "Given value type: <class 'str'>\n  Given value: abc"
+        ... )
+        "--seed_everything: expected bool or int, got 'abc'."
+    """
+    body = text.split("error:", 1)[1] if "error:" in text else text
+    lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "the arguments could not be parsed."
+    head = lines[0]
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', head)
+    if key is None:
+        option = re.match(r"Subcommand '(\w+)' does not accept option '([^']+)'", head)
+        if option:
+            return (
+                f"unknown key {option.group(2)!r} (in a config file or on the command line); "
+                f"`lightning-immunize {option.group(1)} --help` lists the keys."
+            )
+        return head if head.endswith(".") else head + "."
+    name, rest = key.groups()
+    if rest and not rest.startswith("Does not validate"):  # e.g. 'File does not exist: ...'
+        return f"--{name}: {rest.rstrip('.')}."
+    given = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None
+    )
+    ours = [
+        ln[2:].strip()
+        for ln in lines
+        if ln.startswith("- ")
+        and not ln.startswith("- Expected a")
+        and not ln.startswith(("- Problem with given class_path", "- Does not validate"))
+    ]
+    ours += [ln for ln in lines if not ln.startswith(("-", "Given", "Subtypes", "Errors", "Does"))][
+        1:
+    ]
+    if ours:
+        return f"--{name}: {'; '.join(dict.fromkeys(m.rstrip('.') for m in ours))}."
+    types = re.findall(
+        r"<class '(?:[\w.]*\.)?(\w+)'>",
+        next((ln for ln in lines if ln.startswith("Subtypes:")), ""),
+    )
+    expected = " or ".join(types) if types else "another value"
+    got = f", got {given!r}" if given is not None else ""
+    return f"--{name}: expected {expected}{got}."
+
+
 class ImmunizationCLI(LightningCLI):
     """``LightningCLI`` over :class:`ImmunizationModule` and any :class:`PairedDataModule`;
     ``fit`` always writes the immunization report."""
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        # The parser prints its usage (tens of lines) and exits on a bad key or value: keep its
+        # own message, in one line, as a ConfigError (``--help`` still prints and exits 0).
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buffer):
+                super().parse_arguments(parser, args)
+        except SystemExit as stop:
+            if stop.code in (0, None):
+                sys.stderr.write(buffer.getvalue())
+                raise
+            raise ConfigError(parser_error_line(buffer.getvalue())) from None
+        sys.stderr.write(buffer.getvalue())
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(
@@ -105,6 +185,19 @@ class ImmunizationCLI(LightningCLI):
         checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
         if checkpointing and not any(isinstance(cb, LastCheckpoint) for cb in callbacks):
             callbacks.append(LastCheckpoint())
+        objective = getattr(self.model, "objective", None)
+        if getattr(objective, "simulates_fine_tuning", False) and isinstance(
+            getattr(self.model, "extractor", None), LinearExtractor
+        ):
+            rank_zero_warn(
+                f"method {objective.name!r} simulates fine-tuning attacks on the extractor's "
+                "blocks: with a one-layer linear extractor it means little; use it with a deep "
+                "extractor (e.g. configs/cnn_mnist.yaml)."
+            )
+        if self.datamodule is not None:
+            # Bad data (missing files, bad cells, corrupt images, batches that cannot be
+            # formed) is refused before Lightning opens a run folder; it is built only once.
+            self.datamodule.setup("fit")
         fit_args = self.config_init[self.subcommand]
         if fit_args.get("ckpt_path") == "last":
             ckpt = _resume_in_last_run(self.trainer)
@@ -113,6 +206,14 @@ class ImmunizationCLI(LightningCLI):
         if fit_args.get("ckpt_path") and fit_args.get("weights_only") is None:
             # Our checkpoints hold tensors and plain containers only; refuse anything else.
             fit_args["weights_only"] = True
+
+    def after_fit(self) -> None:
+        if self.trainer.global_step == 0 and self.trainer.state.status == "finished":
+            where = self.trainer.log_dir or self.trainer.default_root_dir
+            raise ValueError(
+                "no training step ran (trainer.max_epochs/max_steps of 0, or no training "
+                f"batch): the report in {where} describes the model as built, not immunized."
+            )
 
 
 def _resume_in_last_run(trainer: pl.Trainer) -> Path | None:

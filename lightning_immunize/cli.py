@@ -1,7 +1,7 @@
 """`lightning-immunize`: LightningCLI for ``fit`` / ``validate`` / ``test``, plus ``export``.
 
     lightning-immunize fit --config configs/digits.yaml [--trainer.default_root_dir DIR]
-    lightning-immunize export --ckpt RUN/checkpoints/last.ckpt --out model.safetensors
+    lightning-immunize export RUN                  # → RUN/immunized.safetensors
     lightning-immunize attack RUN --budget quick
 
 At the end of ``fit`` the relative immunization ratio (Eq. 15) is computed on the training
@@ -49,7 +49,11 @@ def _export(argv: Sequence[str]) -> int:
         "run", nargs="?", help="the run folder (lightning_logs/version_N): its last checkpoint"
     )
     parser.add_argument("--ckpt", help="a checkpoint instead of a run folder")
-    parser.add_argument("--out", required=True, help="output file, ending in .safetensors")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output file, ending in .safetensors (default: <run>/immunized.safetensors)",
+    )
     parser.add_argument(
         "--report",
         default=None,
@@ -59,9 +63,14 @@ def _export(argv: Sequence[str]) -> int:
     if (args.run is None) == (args.ckpt is None):
         parser.error("give a run folder or --ckpt (one of the two)")
 
-    from lightning_immunize.export import export_checkpoint
+    from lightning_immunize.export import check_output_path, export_checkpoint
     from lightning_immunize.run_folder import resolve_run
 
+    if args.out is None:
+        if args.run is None:
+            parser.error("--out is required with --ckpt (a run folder's default is inside it)")
+        args.out = str(Path(args.run) / "immunized.safetensors")
+    check_output_path(args.out)
     ckpt, report = args.ckpt, args.report
     if args.run is not None:
         run = resolve_run(args.run)
@@ -222,6 +231,10 @@ def _attack(argv: Sequence[str]) -> int:
     from lightning_immunize.attacks.budgets import DEFAULT_BUDGETS, load_budget
 
     load_budget(args.budget, args.budgets or DEFAULT_BUDGETS)  # a bad name fails before loading
+    if args.storage:
+        from lightning_immunize.attacks.search import check_storage
+
+        check_storage(args.storage)
 
     from lightning_immunize.experiments import attack_checkpoint
     from lightning_immunize.run_folder import checkpoint_run
@@ -262,7 +275,8 @@ USAGE = f"""usage: lightning-immunize {{fit,validate,test,evaluate,attack,export
   validate, test     LightningCLI's own subcommands on the same configs
   evaluate           ratios, probing attackers and figures of a run folder (or --config --ckpt)
   attack             durability report card: worst-case attackers against a run (resumable)
-  export             write a run's immunized extractor as .safetensors, with its figures
+  export             write RUN/immunized.safetensors: the immunized extractor's weights,
+                     with method, λs, RIR and how far the fit got in its header
   reproduce          the paper's protocols for several methods and seeds (resumable)
 
 `lightning-immunize SUBCOMMAND --help` lists a subcommand's options. --debug shows the full

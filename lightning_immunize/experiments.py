@@ -13,6 +13,7 @@ Protocol defaults, including every method's tuned λ, live in ``configs/reproduc
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -327,8 +328,43 @@ def run_sweep(
     spec = load_protocols(spec_path)[protocol]
     methods = list(methods or spec.get("default_methods", METHODS))
     seeds = list(seeds or spec.get("seeds", [1]))
-    out = Path(out)
+    if command is None:
+        command = sweep_command(protocol, out, methods, seeds, pairs, spec_path)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(project_root(spec_path, spec["config"])):
+        _run_planned(protocol, spec, out, methods, seeds, pairs, progress)
+    return write_summary(protocol, out, command)
+
+
+def project_root(spec_path: str | Path, config: str | Path) -> Path:
+    """The folder a protocol file's relative paths are written against (its ``config``, and
+    the data paths inside that config): the spec's ``configs/`` parent, the spec's own folder,
+    else this package's repository. ``reproduce`` runs there, from whatever directory it was
+    started in.
+
+    Raises:
+        FileNotFoundError: ``config`` is found in none of them.
+    """
+    spec = Path(spec_path).resolve()
+    candidates = [spec.parent.parent, spec.parent, DEFAULT_SPEC.parent.parent]
+    for root in candidates:
+        if (root / config).is_file():
+            return root
+    raise FileNotFoundError(
+        f"config {config} of {spec} not found under {', '.join(map(str, candidates))}."
+    )
+
+
+def _run_planned(
+    protocol: str,
+    spec: dict[str, Any],
+    out: Path,
+    methods: list[str],
+    seeds: list[int],
+    pairs: Sequence[tuple[int, int]] | None,
+    progress: bool,
+) -> None:
     runs_csv = out / "runs.csv"
     done = {(r["method"], r["seed"], r["pretrain"], r["harmful"]) for r in read_runs(runs_csv)}
     todo = [r for r in plan_runs(protocol, methods, seeds, pairs) if r.key not in done]
@@ -342,9 +378,6 @@ def run_sweep(
             row = {**report, "method": run.method, "seed": run.seed}
             row["pretrain"], row["harmful"] = _cell(run.pretrain), _cell(run.harmful)
             _append_row(runs_csv, row)
-    if command is None:
-        command = sweep_command(protocol, out, methods, seeds, pairs, spec_path)
-    return write_summary(protocol, out, command)
 
 
 def sweep_command(

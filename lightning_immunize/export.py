@@ -34,6 +34,7 @@ __all__ = [
     "extractor_state",
     "export_extractor",
     "export_checkpoint",
+    "check_output_path",
     "load_exported",
 ]
 #: Figures of ``immunization.json`` copied into the exported header.
@@ -167,6 +168,24 @@ def _readable_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def check_output_path(out: str | Path) -> Path:
+    """``out`` if an exported file can be written there, checked before any work.
+
+    Raises:
+        ValueError: ``out`` does not end in ``.safetensors``, is a folder, or its folder cannot
+            be created or written (the message names the path).
+    """
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"the exported file must end in .safetensors, got {out.name!r}.")
+    if out.is_dir():
+        raise ValueError(f"cannot write {out}: it is a folder; expected a file path.")
+    folder = next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {out}: {folder} is not a writable folder.")
+    return out
+
+
 def export_extractor(
     state_dict: Mapping[str, torch.Tensor], out: str | Path, metadata: Mapping[str, Any]
 ) -> Path:
@@ -175,15 +194,16 @@ def export_extractor(
     Non-string metadata values are stored as JSON. The file gets the permissions of any new
     file (``0o666 & ~umask``, e.g. ``0o644``): it is made to be published.
     """
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"the exported file must end in .safetensors, got {out.name!r}.")
+    out = check_output_path(out)
     from lightning_immunize import __version__
 
     header = {"library": "lightning_immunize", "library_version": __version__}
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(extractor_state(state_dict), str(out), metadata=header)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(extractor_state(state_dict), str(out), metadata=header)
+    except OSError as err:
+        raise ValueError(f"cannot write {out}: {err.strerror or err}.") from err
     _readable_mode(out)
     return out
 
@@ -302,6 +322,7 @@ def export_checkpoint(
         ValueError: ``ckpt`` is not a Lightning checkpoint, or it is behind ``report`` (an
             earlier step than the fit the figures describe).
     """
+    check_output_path(out)
     checkpoint = load_checkpoint(ckpt)
     metadata = dict(checkpoint.get("immunization", {}))
     report_path = Path(report) if report else checkpoint_run(ckpt) / REPORT_NAME

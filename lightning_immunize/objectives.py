@@ -97,6 +97,9 @@ class Objective:
 
     #: Name used in configs (``method:``), reports and exported metadata.
     name: str = "objective"
+    #: Whether it simulates fine-tuning of the extractor's blocks, which means little for a
+    #: one-layer linear extractor (the CLI warns).
+    simulates_fine_tuning: bool = False
 
     def prepare(self, module: ImmunizationModule) -> None:
         """Adapt the model once, when the module is built (default: nothing)."""

@@ -221,7 +221,9 @@ def test_a_trial_reruns_from_its_trials_csv_row(tmp_path):
         assert again.scores == recorded
 
 
-def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(tmp_path, monkeypatch):
+def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(
+    tmp_path, monkeypatch, capsys
+):
     import lightning_immunize.attacks.sweep as sweep
 
     models, tasks, budget = _tiny_models(), AttackTasks(_tiny_data()), _tiny_budget(trials=4)
@@ -240,7 +242,14 @@ def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         durability_card(models, tasks, budget, tmp_path / "resumed", progress=False)
     assert len(read_trials(tmp_path / "resumed" / "trials.csv")) == 6
+    capsys.readouterr()
     durability_card(models, tasks, budget, tmp_path / "resumed", progress=False)
+    assert "resuming: 6 of 24 trials done" in capsys.readouterr().err
+    # The card's attacker time counts every trial, those of the interrupted run included.
+    rows = read_trials(tmp_path / "resumed" / "trials.csv")
+    card_md = (tmp_path / "resumed" / "card.md").read_text()
+    total = sum(float(r["seconds"]) for r in rows)
+    assert f"24 trials, {_seconds_text(total)} of attacker time in all" in card_md
     # The 7th trial was lost with the kill and ran again; no finished one did.
     assert len(calls) == 3 * 2 * 4 + 1
     assert len(set(calls)) == 3 * 2 * 4
@@ -262,6 +271,10 @@ def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(tmp_pa
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         assert len(complete) == 4, summary.study_name
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def test_cards_sharing_a_storage_reuse_only_the_studies_of_identical_models(tmp_path, monkeypatch):

@@ -146,7 +146,7 @@ def test_evaluate_with_another_datas_config_is_refused_naming_both_fingerprints(
 
 def test_a_fit_with_no_step_says_so_in_its_report(tmp_path):
     out = _digits_fit(tmp_path, "--trainer.max_epochs", "0")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 2, out.stderr[-3000:]  # written, then refused as a result
     report = json.loads((tmp_path / "lightning_logs/version_0/immunization.json").read_text())
     assert report["steps"] == 0 and "no training step ran" in report["note"]
     assert "no training step ran" in out.stderr + out.stdout
@@ -234,3 +234,30 @@ def test_nothing_users_read_cites_the_internal_spec(tmp_path):
     )
     cited = [str(name) for name, text in texts.items() if "SPEC §" in text]
     assert not cited
+
+
+def test_export_without_out_writes_inside_the_run_folder(digits_run):
+    run, _ = digits_run
+    out = _cli("export", str(run))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "immunized.safetensors").is_file()
+    assert str(run / "immunized.safetensors") in out.stdout
+
+
+def test_reproduce_runs_from_any_directory(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = _cli("reproduce", "house-prices", "--out", "sweep", "--methods", "reference",
+               "--seeds", "1", "--no-progress", cwd=elsewhere)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (elsewhere / "sweep" / "runs.csv").is_file()
+    assert "--out sweep" in (elsewhere / "sweep" / "table.md").read_text()
+
+
+def test_fit_help_names_every_method():
+    out = _cli("fit", "--help")
+    assert out.returncode == 0
+    text = "".join(out.stdout.split())  # the help wraps long class paths
+    for name in ("ConditionNumberObjective", "SimulatedAttackObjective",
+                 "TamperResistanceObjective", "AttackerAwareConditionNumberObjective"):  # fmt: skip
+        assert name in text, name

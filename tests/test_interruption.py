@@ -37,17 +37,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)])}
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_immunize.cli", *args],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def _fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         _args(root, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
@@ -89,7 +78,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_at_a_random_moment_resumes_to_the_uninterrupted_weights(
-    uninterrupted, tmp_path, signum
+    cli, uninterrupted, tmp_path, signum
 ):
     seed = random.randrange(10**6)
     delay = random.Random(seed).uniform(0.0, 1.2)
@@ -124,7 +113,7 @@ def test_a_stop_at_a_random_moment_resumes_to_the_uninterrupted_weights(
 
     # The export of the resumed run carries its final weights and the fit's end.
     exported = run / "immunized.safetensors"
-    out = _run("export", str(run), "--out", str(exported))
+    out = cli("export", str(run), "--out", str(exported))
     assert out.returncode == 0, out.stderr[-3000:]
     final = _state(uninterrupted / "checkpoints" / "last.ckpt")
     with safe_open(str(exported), framework="pt") as f:
@@ -201,9 +190,9 @@ def test_last_ckpt_is_on_disk_at_every_epoch_end_during_the_fit(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
+def digits_run(cli, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits")
-    out = _run(
+    out = cli(
         "fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
     )  # fmt: skip
@@ -213,7 +202,7 @@ def digits_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("command", ["export", "evaluate", "attack"])
 def test_a_checkpoint_behind_the_runs_report_is_refused_naming_both_steps(
-    digits_run, tmp_path, command
+    cli, digits_run, tmp_path, command
 ):
     checkpoint = torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=True)
     steps = json.loads((digits_run / "immunization.json").read_text())["steps"]
@@ -226,7 +215,7 @@ def test_a_checkpoint_behind_the_runs_report_is_refused_naming_both_steps(
         "evaluate": [str(digits_run), "--ckpt", str(stale), "--out", str(tmp_path / "ev")],
         "attack": [str(digits_run), "--ckpt", str(stale), "--out", str(tmp_path / "card")],
     }[command]
-    out = _run(command, *args)
+    out = cli(command, *args)
     assert out.returncode == 2, out.stderr[-3000:]
     first = out.stderr.splitlines()[0]
     assert "holds step 3" in first and f"at step {steps}" in first, first

@@ -277,6 +277,11 @@ def _seen_unseen_table(card: dict[str, Any]) -> list[str]:
     return [header, "|" + "---|" * 8, *rows, ""]
 
 
+def _seconds(seconds: float) -> str:
+    """A duration for the card: tenths below 10 s (a quick card's trials take milliseconds)."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
 def card_markdown(card: dict[str, Any], figures: dict[str, str] | None = None) -> str:
     """``card.md``: headline, the four condition tables, one sentence per family, figures."""
     lines = [f"# Durability report card — budget `{card.get('budget', '?')}`", ""]
@@ -285,9 +290,9 @@ def card_markdown(card: dict[str, Any], figures: dict[str, str] | None = None) -
             lines.append(f"- {key}: `{card[key]}`")
     if "trial_seconds" in card:
         lines.append(
-            f"- {card['trial_count']} trials, {card['trial_seconds']:.0f} s of attacker time in "
-            f"all (`trials.csv`); this invocation {card['seconds']:.0f} s (a resumed sweep "
-            "only counts what it ran)"
+            f"- {card['trial_count']} trials, {_seconds(card['trial_seconds'])} of attacker "
+            f"time in all (`trials.csv`, every run of a resumed sweep); this invocation "
+            f"{_seconds(card['seconds'])}"
         )
     lines += [
         "",
@@ -297,6 +302,18 @@ def card_markdown(card: dict[str, Any], figures: dict[str, str] | None = None) -
         "weights ('—': no scratch model, or θ_0 is less than 0.05 better than scratch).",
         "",
     ]
+    if card.get("reference") == "identity":
+        lines += [
+            "How this card and `lightning-immunize evaluate` differ on a linear model: this "
+            "card scores held-out error at step marks under a *searched* optimizer and step "
+            "size (the worst case over the search), while `evaluate` measures convergence "
+            "‖w_t − w*‖ / ‖w_0 − w*‖ under the paper's attackers with their own step rules "
+            "(exact line search, fixed-step GD, Adam, L-BFGS, the closed form). A model can "
+            "slow the paper's attackers (`evaluate`: slowed) while a searched step still fits "
+            "the harmful task as fast as on the reference (here: does not hold); both are "
+            "true, and this card's attacker is the stronger one.",
+            "",
+        ]
     lines += ["## Resistance", ""] + _advantage_table(card, "resistance")
     lines += _curve_table(card, "resistance", "Resistance")
     lines += ["## Stability", "", "| model | D_P held-out metric |", "|---|---|"]
@@ -312,6 +329,14 @@ def card_markdown(card: dict[str, Any], figures: dict[str, str] | None = None) -
         ]
         lines += _seen_unseen_table(card)
         lines += _curve_table(card, "generalization", "Unseen harmful samples")
+    elif any("no held-out split" in note for note in card.get("notes", [])):
+        lines += [
+            "Not measured: the data module has no held-out split (see Notes), so the attacker "
+            "has no harmful sample the immunization never saw.",
+            "",
+        ]
+    else:
+        lines += [f"Not measured: budget `{card.get('budget', '?')}` has no such study.", ""]
     lines += ["## Trainability", ""]
     if "trainability" in card:
         lines += [
@@ -320,6 +345,8 @@ def card_markdown(card: dict[str, Any], figures: dict[str, str] | None = None) -
             "",
         ]
         lines += _curve_table(card, "trainability", "Benign task")
+    else:
+        lines += [f"Not measured: budget `{card.get('budget', '?')}` has no such study.", ""]
     if card.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in card["notes"]] + [""]
     for caption, name in (figures or {}).items():

@@ -8,8 +8,10 @@ k)``: a study resumed after an interruption proposes what an uninterrupted one w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from lightning_immunize.attacks.attacker import Attacker, AttackResult, mean_score
 from lightning_immunize.attacks.budgets import SearchSpace
@@ -24,6 +26,45 @@ def trial_seed(space_seed: int, index: int) -> int:
 def sqlite_url(path) -> str:
     """An SQLAlchemy URL for an SQLite file."""
     return f"sqlite:///{path}"
+
+
+SQLITE_PREFIX = "sqlite:///"
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_storage(url: str) -> None:
+    """Opens the Optuna storage at ``url`` once, before any work, so that a bad one is an
+    error naming it instead of a database traceback mid-sweep.
+
+    Raises:
+        ValueError: an SQLite path that is not a database, or cannot be created; any other
+            storage that cannot be opened (the driver's first line is kept).
+    """
+    import optuna
+
+    if url.startswith(SQLITE_PREFIX):
+        path = Path(url[len(SQLITE_PREFIX) :])
+        if path.is_dir():
+            raise ValueError(f"--storage {url}: {path} is a folder; expected an SQLite file.")
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as f:
+                if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise ValueError(
+                        f"--storage {url}: {path} is not an SQLite database; expected an "
+                        "Optuna SQLite file, or a path where one can be created."
+                    )
+        else:
+            folder = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise ValueError(
+                    f"--storage {url}: {path} cannot be created ({folder} is not a writable "
+                    "folder)."
+                )
+    try:
+        optuna.storages.RDBStorage(url)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ValueError(f"--storage {url}: cannot be opened ({first.strip()}).") from err
 
 
 @dataclass(frozen=True)

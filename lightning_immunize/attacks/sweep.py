@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,8 @@ def run_studies(
     from tqdm.auto import tqdm
 
     total = sum(s.trials(budget) for s in studies)
+    if done:
+        tqdm.write(f"resuming: {done} of {total} trials done (in {url})", file=sys.stderr)
     with tqdm(total=total, initial=done, disable=not progress, desc="attack trials",
               unit="trial", dynamic_ncols=True) as bar:  # fmt: skip
         for study in studies:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import (
     DataLoader,
@@ -221,6 +221,7 @@ class PairedDataModule(LightningDataModule):
         self._input_dim: int | None = None
         self._input_dim_known = False
         self._built = False
+        self._batches_checked = False
         self._validate_datasets()  # datasets passed in are checked eagerly
 
     # ------------------------------------------------------------------ seed
@@ -279,8 +280,32 @@ class PairedDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolves the data seed (:attr:`resolved_seed`) and builds the datasets once (all
-        stages share them)."""
+        stages share them); for ``fit``, says how a side smaller than a batch is served.
+
+        Raises:
+            ValueError: a training side has fewer samples than ``batch_size`` and
+                ``drop_last=True``: it would yield no batch, and no step would run.
+        """
         self._ensure_built()
+        if stage in (None, "fit") and not self._batches_checked:
+            self._check_batches()
+            self._batches_checked = True
+
+    def _check_batches(self) -> None:
+        for side, ds in zip(SIDES, (self.pretrain, self.harmful), strict=True):
+            n = _dataset_len(ds) if ds is not None else None
+            if n is None or n >= self.batch_size:
+                continue
+            if self.drop_last:
+                raise ValueError(
+                    f"the {side} training set has {n} samples, fewer than batch_size="
+                    f"{self.batch_size}: with drop_last=True it yields no batch, so no training "
+                    f"step would run; expected batch_size <= {n}, or drop_last=False."
+                )
+            rank_zero_info(
+                f"the {side} training set has {n} samples, fewer than batch_size="
+                f"{self.batch_size}: each of its batches is the whole set of {n}."
+            )
 
     # ------------------------------------------------------------------ metadata
     @property

@@ -7,7 +7,8 @@ preprocessing. Nothing is downloaded: the folders must exist locally.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from .base import PairedDataModule
 
-__all__ = ["ImagePairDataModule", "resolve_image_data_config"]
+__all__ = ["ImagePairDataModule", "check_image_files", "resolve_image_data_config"]
 
 
 def resolve_image_data_config(
@@ -57,16 +58,42 @@ def _root_and_subdir(root: Path, subdir: str | None) -> tuple[Path, bool]:
     return root, False
 
 
-def _image_folder(path: Path, transform: Callable | None) -> Dataset:
+def check_image_files(paths: Iterable[str | Path]) -> None:
+    """Opens every image once (``PIL.Image.verify``: headers and structure, no decoding), so
+    that an empty or corrupt file is named at setup, not deep inside a training epoch.
+
+    Raises:
+        ValueError: naming the first empty (0-byte) or unreadable file.
+    """
+    from PIL import Image
+
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"image file {path} is empty (0 bytes); expected an image file.")
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many types on a bad file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(
+                f"image file {path} cannot be read as an image ({reason}); expected a valid "
+                "image file (remove or replace it)."
+            ) from err
+
+
+def _image_folder(path: Path, transform: Callable | None, check: bool = True) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        folder = ImageFolder(str(path), transform=transform)
     except FileNotFoundError as err:  # no class folder, or class folders without images
         raise ValueError(
             f"no images found in {path}: expected ImageNet-style class folders "
             f"(<path>/<class>/<image>) holding image files ({err})"
         ) from err
+    if check:
+        check_image_files(p for p, _ in folder.samples)
+    return folder
 
 
 class ImagePairDataModule(PairedDataModule):
@@ -104,6 +131,9 @@ class ImagePairDataModule(PairedDataModule):
             (``seed_everything``, env ``PL_GLOBAL_SEED``), else 0; so the ``max_samples``
             subsets follow ``--seed_everything`` unless ``seed`` is set.
         drop_last: drop the last incomplete training batch.
+        check_images: open every image file once at setup (``PIL.Image.verify``) so that an
+            empty or corrupt file is an error naming it before training; ``False`` skips this
+            for very large folders.
 
     Attributes:
         class_names: ``{"pretrain": [...], "harmful": [...]}`` (set once built).
@@ -125,6 +155,7 @@ class ImagePairDataModule(PairedDataModule):
         shuffle: bool = True,
         seed: int | None = None,
         drop_last: bool = False,
+        check_images: bool = True,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -148,6 +179,7 @@ class ImagePairDataModule(PairedDataModule):
         self.val_subdir = val_subdir
         self.max_samples = max_samples
         self.augment = augment
+        self.check_images = check_images
         self.data_config = resolve_image_data_config(model_name, image_size)
         self.class_names: dict[str, list[str]] = {}
         self._train_eval: tuple[Dataset | None, Dataset | None] = (None, None)
@@ -178,17 +210,17 @@ class ImagePairDataModule(PairedDataModule):
         ):
             train_dir, has_subdir = _root_and_subdir(root, self.train_subdir)
             self._check_layout(side, root, has_subdir)
-            train_folder = _image_folder(train_dir, train_tf)
+            train_folder = _image_folder(train_dir, train_tf, self.check_images)
             classes = list(train_folder.classes)  # type: ignore[attr-defined]
             self.class_names[side] = classes
             counts[side] = len(classes)
             train = self._limit(train_folder, 2 * offset)
             train_eval = train
             if self.augment:
-                train_eval = self._limit(_image_folder(train_dir, eval_tf), 2 * offset)
+                train_eval = self._limit(_image_folder(train_dir, eval_tf, False), 2 * offset)
             val = None
             if has_subdir and self.val_subdir and (root / self.val_subdir).is_dir():
-                val_folder = _image_folder(root / self.val_subdir, eval_tf)
+                val_folder = _image_folder(root / self.val_subdir, eval_tf, self.check_images)
                 if list(val_folder.classes) != classes:  # type: ignore[attr-defined]
                     raise ValueError(
                         f"{root / self.val_subdir}: class folders differ from those of {train_dir}"

@@ -93,6 +93,12 @@ def evaluation_markdown(
         "progress after T steps, `1 − norm_ratio(T)`. Ratios are immunized / reference: a "
         "progress ratio below 1 means the attacker got less far.",
         "",
+        "These are the paper's attackers, each with its own step rule, measured by "
+        "convergence to the optimum. The durability card (`lightning-immunize attack`) "
+        "instead searches the optimizer and step size and scores held-out error at step "
+        "marks: an attacker slowed here can still fit the harmful task as fast as on the "
+        "reference there — the card's is the stronger attacker.",
+        "",
         "| attacker | task | steps (reference) | steps (immunized) | steps ratio | "
         "progress (reference) | progress (immunized) | progress ratio | immunized vs reference |",
         "|---|---|---|---|---|---|---|---|---|",
