@@ -115,7 +115,10 @@ class StopRequests:
         """From now on (a training loop) the first stop signal is only recorded in
         :attr:`signum`, for the loop to act on; installs the handlers if nobody has. Pair
         with :meth:`end_deferring`."""
-        self._owned = self.install()
+        if not self._deferring:
+            self.signum = None  # a stop asked of an earlier training loop is not this one's
+        if self.install():
+            self._owned = True
         self._deferring += 1
 
     def end_deferring(self) -> None:

@@ -112,19 +112,24 @@ def test_a_stop_at_a_random_moment_resumes_to_the_uninterrupted_weights(
     _assert_same_run(run, uninterrupted)
 
     # The export of the resumed run carries its final weights and the fit's end.
-    exported = run / "immunized.safetensors"
-    out = cli("export", str(run), "--out", str(exported))
-    assert out.returncode == 0, out.stderr[-3000:]
+    from lightning_immunize.export import export_checkpoint
+
+    exported, header = export_checkpoint(
+        run / "checkpoints" / "last.ckpt", run / "immunized.safetensors"
+    )
     final = _state(uninterrupted / "checkpoints" / "last.ckpt")
     with safe_open(str(exported), framework="pt") as f:
-        header = f.metadata()
         for key in f.keys():
             assert torch.equal(f.get_tensor(key), final[f"extractor.{key}"]), key
-    assert header["steps"] == "300" and header["partial"] == "false"
+    assert header["steps"] == 300 and header["partial"] is False
+
+
+def _stop_at(step: int, kind: str = "InterruptAtStep") -> str:
+    return json.dumps([{"class_path": f"fault_callbacks.{kind}", "init_args": {"step": step}}])
 
 
 @pytest.mark.slow
-def test_sigkill_then_ckpt_path_last_resumes_the_killed_run_never_the_finished_one(
+def test_sigkill_and_stops_then_ckpt_path_last_resume_the_killed_run_never_the_finished_one(
     uninterrupted, tmp_path
 ):
     finished = _fit(tmp_path, "--trainer.max_epochs", "5")
@@ -132,16 +137,23 @@ def test_sigkill_then_ckpt_path_last_resumes_the_killed_run_never_the_finished_o
     done = tmp_path / RUN / "version_0"
     before = {p.name: p.read_bytes() for p in done.rglob("*") if p.is_file()}
 
-    kill = json.dumps([{"class_path": "fault_callbacks.KillAtStep", "init_args": {"step": 50}}])
-    killed = _fit(tmp_path, "--trainer.callbacks+", kill)
+    killed = _fit(tmp_path, "--trainer.callbacks+", _stop_at(50, "KillAtStep"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / RUN / "version_1"
-    # Written at the last epoch end before the kill (3 batches an epoch).
+    # Written after the last batch of the last epoch before the kill (3 batches an epoch).
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
+
+    # Stopped again: at step 90, the end of an epoch that validates (validation runs, then the
+    # stop), and at step 100, mid-epoch in a run resumed from an epoch's end (where Lightning
+    # 2.6 alone would resume a batch off).
+    for step in (90, 100):
+        stopped = _fit(tmp_path, "--ckpt_path", "last", "--trainer.callbacks+", _stop_at(step))
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert f"resuming the unfinished run {run}" in stopped.stderr
+        assert f"at step {step}." in stopped.stderr
 
     resumed = _fit(tmp_path, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming the unfinished run {run}" in resumed.stderr
     assert {p.name: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
     _assert_same_run(run, uninterrupted)
 
@@ -190,20 +202,22 @@ def test_last_ckpt_is_on_disk_at_every_epoch_end_during_the_fit(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_run(cli, tmp_path_factory) -> Path:
+def digits_run(tmp_path_factory) -> Path:
+    from lightning_immunize.cli import main
+
     root = tmp_path_factory.mktemp("digits")
-    out = cli(
-        "fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
+          "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(root)])  # fmt: skip
     return root / RUN / "version_0"
 
 
 @pytest.mark.parametrize("command", ["export", "evaluate", "attack"])
 def test_a_checkpoint_behind_the_runs_report_is_refused_naming_both_steps(
-    cli, digits_run, tmp_path, command
+    digits_run, tmp_path, command
 ):
+    from lightning_immunize.cli import main
+
     checkpoint = torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=True)
     steps = json.loads((digits_run / "immunization.json").read_text())["steps"]
     assert checkpoint["global_step"] == steps
@@ -215,8 +229,28 @@ def test_a_checkpoint_behind_the_runs_report_is_refused_naming_both_steps(
         "evaluate": [str(digits_run), "--ckpt", str(stale), "--out", str(tmp_path / "ev")],
         "attack": [str(digits_run), "--ckpt", str(stale), "--out", str(tmp_path / "card")],
     }[command]
-    out = cli(command, *args)
-    assert out.returncode == 2, out.stderr[-3000:]
-    first = out.stderr.splitlines()[0]
-    assert "holds step 3" in first and f"at step {steps}" in first, first
+    with pytest.raises(ValueError) as info:
+        main([command, *args])
+    assert "holds step 3" in str(info.value) and f"at step {steps}" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_stop_requests_defer_only_inside_a_training_loop_and_forget_old_stops():
+    from lightning_immunize.interruption import Interrupted, StopRequests
+
+    stops = StopRequests()
+    original = signal.getsignal(signal.SIGINT)
+    with stops.installed():
+        with pytest.raises(Interrupted) as info:  # outside a training loop: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert info.value.exit_status == 143
+        stops.begin_deferring()
+        os.kill(os.getpid(), signal.SIGINT)  # inside: recorded only
+        assert stops.requested and stops.signum == signal.SIGINT
+        with pytest.raises(Interrupted):  # a second signal: at once
+            os.kill(os.getpid(), signal.SIGINT)
+        stops.end_deferring()
+        stops.begin_deferring()  # the next training loop starts without the old stop
+        assert not stops.requested
+        stops.end_deferring()
+    assert signal.getsignal(signal.SIGINT) == original  # put back

@@ -79,6 +79,16 @@ class LastCheckpoint(ModelCheckpoint):
             stop_requests.begin_deferring()
             self._deferring = True
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning 2.6, restarting from a checkpoint written after an epoch's last batch,
+        # starts the next epoch without counting it as started; a mid-epoch checkpoint of that
+        # epoch then reads "epoch not started" and resumes a batch off (301 steps for 300).
+        # Count it, as an uninterrupted run does.
+        epochs = trainer.fit_loop.epoch_progress
+        if epochs.total.ready == epochs.total.completed:
+            epochs.increment_ready()
+            epochs.increment_started()
+
     def _end_deferring(self) -> None:
         if self._deferring:
             stop_requests.end_deferring()
@@ -111,6 +121,13 @@ class LastCheckpoint(ModelCheckpoint):
         # rewound: Lightning counts that epoch as finished and skips their state.)
         if self._stopping or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._stopping and not trainer.sanity_checking:
+            # Validation ran after the stop's save: save again, so that what it changed
+            # (logged metrics, other callbacks' state and files) is in last.ckpt.
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _stopped_here(self, trainer: pl.Trainer) -> str:
         return (
