@@ -177,6 +177,10 @@ def test_worst_case_and_advantage_removed():
     assert advantage_removed(0.9, 0.7, 0.895) is None  # θ_0 has no advantage over scratch
     assert advantage_removed(0.767, 0.762, 0.753) is None  # a 0.014 gap: trial noise
     assert advantage_removed(0.9, 0.7, None) is None
+    # θ_0 worse than scratch: no head start to remove, not a negative one read backwards.
+    assert advantage_removed(0.5, 0.9, 0.8) is None
+    assert advantage_removed(0.5, 0.2, 0.2, higher_is_better=False) is None  # MSE, θ_0 worse
+    assert advantage_removed(0.2, 0.5, 0.5, higher_is_better=False) == 1.0  # MSE, θ_0 better
 
 
 def test_three_models_get_identical_search_spaces_trial_counts_and_seeds(tmp_path):
