@@ -523,3 +523,29 @@ def test_gd_exact_is_the_papers_attacker_and_needs_one_trial(tmp_path):
     entry = card["resistance"]["all"]["gd-exact"]
     assert "scratch" not in entry and entry["advantage_removed"] is None
     assert entry["immunized"]["worst_case"] == entry["reference"]["worst_case"]
+
+
+def test_the_scratch_model_is_initialised_by_timm_as_the_architecture_is_at_creation():
+    trained = TimmBackbone("test_resnet", in_chans=1, num_classes=3, seed=0, trainable=["layer4"])
+    with torch.no_grad():  # what training does to θ_0: no zero BatchNorm gamma, moved statistics
+        for module in trained.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(0.7)
+                module.running_mean.fill_(3.0)
+    scratch = random_weights(trained, seed=1)
+    for name, block in scratch.model.named_modules():
+        if type(block).__name__ == "BasicBlock":  # timm's zero_init_last, not a generic reset
+            assert torch.count_nonzero(block.bn2.weight) == 0, name
+            assert torch.all(block.bn1.weight == 1), name
+    for module in scratch.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.all(module.running_mean == 0)  # statistics reset too
+    conv = scratch.model.layer1[0].conv1
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert float(conv.weight.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.3)  # fan-out He
+    assert [p.requires_grad for p in scratch.parameters()] == [
+        p.requires_grad for p in trained.parameters()
+    ]
+    again = random_weights(trained, seed=1)
+    pairs = zip(scratch.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

@@ -25,8 +25,11 @@ from lightning_immunize.attacks.sweep import AttackTasks
 
 
 def random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A copy of ``model`` with every layer re-initialised (``reset_parameters``), seeded;
-    which parameters are trainable is kept."""
+    """A copy of ``model`` re-initialised as its architecture is at creation, seeded: every
+    layer's ``reset_parameters`` (BatchNorm: affine and running statistics), then the
+    ``init_weights`` of each outermost timm model inside (e.g. ResNet's fan-out normal
+    convolutions and zeroed last BatchNorm of every block), which a generic reset would
+    miss. Which parameters are trainable is kept."""
     fresh = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -34,6 +37,14 @@ def random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
+        done: list[str] = []
+        for name, module in fresh.named_modules():
+            if any(name.startswith(f"{d}.") or d == "" for d in done):
+                continue  # inside a model initialised already
+            init = getattr(module, "init_weights", None)
+            if callable(init) and type(module).__module__.startswith("timm."):
+                init()
+                done.append(name)
     return fresh
 
 
