@@ -237,7 +237,7 @@ def _resume_in_last_run(trainer: pl.Trainer) -> Path | None:
     newest = runs[-1]
     ckpt = newest / LAST_CHECKPOINT
     logger._version = int(newest.name[8:])
-    _keep_logged_metrics(logger, newest, int(load_checkpoint(ckpt)["global_step"]))
+    _keep_logged_metrics(logger, newest, int(load_checkpoint(ckpt, mmap=True)["global_step"]))
     rank_zero_info(f"resuming the unfinished run {newest} from {ckpt}")
     return ckpt
 

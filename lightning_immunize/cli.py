@@ -63,14 +63,13 @@ def _export(argv: Sequence[str]) -> int:
     if (args.run is None) == (args.ckpt is None):
         parser.error("give a run folder or --ckpt (one of the two)")
 
-    from lightning_immunize.export import check_output_path, export_checkpoint
+    from lightning_immunize.export import export_checkpoint
     from lightning_immunize.run_folder import resolve_run
 
     if args.out is None:
         if args.run is None:
             parser.error("--out is required with --ckpt (a run folder's default is inside it)")
         args.out = str(Path(args.run) / "immunized.safetensors")
-    check_output_path(args.out)
     ckpt, report = args.ckpt, args.report
     if args.run is not None:
         run = resolve_run(args.run)

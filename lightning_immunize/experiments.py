@@ -484,7 +484,7 @@ def _run_report(ckpt: str | Path, run_report: str | Path | None) -> dict[str, An
     from lightning_immunize.run_folder import REPORT_NAME, check_checkpoint_current, checkpoint_run
 
     report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
-    check_checkpoint_current(ckpt, load_checkpoint(ckpt).get("global_step"), report_path)
+    check_checkpoint_current(ckpt, load_checkpoint(ckpt, mmap=True).get("global_step"), report_path)
     return json.loads(report_path.read_text()) if report_path.is_file() else None
 
 

@@ -28,6 +28,7 @@ from lightning_immunize.run_folder import (
     check_checkpoint_current,
     checkpoint_run,
 )
+from lightning_immunize.validation import unwritable_folder
 
 __all__ = [
     "load_checkpoint",
@@ -109,8 +110,9 @@ def _describe_object(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint safely (``weights_only=True``).
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (``weights_only=True``); ``mmap=True`` maps the
+    tensors instead of reading them (for a look at ``global_step`` and the loops' state).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -126,7 +128,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch's "please file an issue" hints
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises anything on a foreign file
         raise _not_a_checkpoint(path, _load_error(err)) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -180,8 +182,8 @@ def check_output_path(out: str | Path) -> Path:
         raise ValueError(f"the exported file must end in .safetensors, got {out.name!r}.")
     if out.is_dir():
         raise ValueError(f"cannot write {out}: it is a folder; expected a file path.")
-    folder = next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    folder = unwritable_folder(out)
+    if folder is not None:
         raise ValueError(f"cannot write {out}: {folder} is not a writable folder.")
     return out
 

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from torch import Tensor
 
-__all__ = ["check_finite"]
+__all__ = ["check_finite", "unwritable_folder"]
+
+
+def unwritable_folder(path: str | Path) -> Path | None:
+    """The folder that stops ``path`` from being created: its nearest existing ancestor when
+    that is not a writable folder (e.g. a file, or read-only); ``None`` when it can be.
+
+    Example:
+        >>> import tempfile
+        >>> blocker = tempfile.NamedTemporaryFile()  # a file where a folder would be needed
+        >>> unwritable_folder(f"{blocker.name}/sub/x.txt") == Path(blocker.name)
+        True
+        >>> unwritable_folder(Path(tempfile.gettempdir()) / "new" / "x.txt") is None
+        True
+    """
+    folder = next((p for p in Path(path).absolute().parents if p.exists()), Path("/"))
+    return None if folder.is_dir() and os.access(folder, os.W_OK) else folder
 
 
 def check_finite(t: Tensor, name: str, where: str = "") -> None:

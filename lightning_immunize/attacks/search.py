@@ -8,7 +8,6 @@ k)``: a study resumed after an interruption proposes what an uninterrupted one w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from lightning_immunize.attacks.attacker import Attacker, AttackResult, mean_score
 from lightning_immunize.attacks.budgets import SearchSpace
 from lightning_immunize.attacks.families import DETERMINISTIC_FAMILIES, FULL_BATCH_FAMILIES
+from lightning_immunize.validation import unwritable_folder
 
 
 def trial_seed(space_seed: int, index: int) -> int:
@@ -23,13 +23,13 @@ def trial_seed(space_seed: int, index: int) -> int:
     return 1_000 * space_seed + index
 
 
-def sqlite_url(path) -> str:
-    """An SQLAlchemy URL for an SQLite file."""
-    return f"sqlite:///{path}"
-
-
 SQLITE_PREFIX = "sqlite:///"
 SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_url(path) -> str:
+    """An SQLAlchemy URL for an SQLite file."""
+    return f"{SQLITE_PREFIX}{path}"
 
 
 def check_storage(url: str) -> None:
@@ -53,13 +53,10 @@ def check_storage(url: str) -> None:
                         f"--storage {url}: {path} is not an SQLite database; expected an "
                         "Optuna SQLite file, or a path where one can be created."
                     )
-        else:
-            folder = next((p for p in path.absolute().parents if p.exists()), Path("/"))
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                raise ValueError(
-                    f"--storage {url}: {path} cannot be created ({folder} is not a writable "
-                    "folder)."
-                )
+        elif (folder := unwritable_folder(path)) is not None:
+            raise ValueError(
+                f"--storage {url}: {path} cannot be created ({folder} is not a writable folder)."
+            )
     try:
         optuna.storages.RDBStorage(url)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
