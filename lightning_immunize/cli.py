@@ -222,6 +222,14 @@ def _attack(argv: Sequence[str]) -> int:
         action="store_true",
         help="attack on data whose fingerprint differs from the run's training data",
     )
+    parser.add_argument(
+        "--control",
+        default=None,
+        help="run folder (or checkpoint) of the control: the same config fitted with every "
+        "immunization term off (e.g. --model.objective.init_args.lambda_harmful 0 "
+        "--model.objective.init_args.lambda_pretrain 0); the card then separates the "
+        "immunization from the extra training",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv))
     if args.run is None and not (args.config and args.ckpt):
@@ -252,6 +260,7 @@ def _attack(argv: Sequence[str]) -> int:
         allow_data_mismatch=args.allow_data_mismatch,
         progress=not args.no_progress,
         command=shlex.join(["lightning-immunize", "attack", *argv]),
+        control=args.control,
     )
     print(f"wrote {card}")
     return 0

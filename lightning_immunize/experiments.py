@@ -488,6 +488,29 @@ def _run_report(ckpt: str | Path, run_report: str | Path | None) -> dict[str, An
     return json.loads(report_path.read_text()) if report_path.is_file() else None
 
 
+def _control_module(control: str | Path, immunized: Any) -> Any:
+    """The control run's module (a run folder, or a checkpoint inside one), refused unless
+    its extractor has the immunized extractor's parameter names and shapes."""
+    from lightning_immunize.build import load_run
+    from lightning_immunize.run_folder import resolve_run
+
+    path = Path(control)
+    found = resolve_run(path if path.is_dir() else path.parent.parent)
+    ckpt = found.checkpoint if path.is_dir() else path
+    with _quiet():
+        loaded = load_run(found.config, ckpt)
+    extractor = loaded.module.extractor
+    mine = {n: tuple(p.shape) for n, p in immunized.state_dict().items()}
+    theirs = {n: tuple(p.shape) for n, p in extractor.state_dict().items()}
+    if mine != theirs:
+        differ = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(
+            f"--control {control}: its extractor is not the immunized model's architecture "
+            f"(first differences: {differ})"
+        )
+    return loaded.module
+
+
 def evaluate_checkpoint(
     config: str | Path,
     ckpt: str | Path,
@@ -557,10 +580,13 @@ def attack_checkpoint(
     allow_data_mismatch: bool = False,
     progress: bool = True,
     command: str | None = None,
+    control: str | Path | None = None,
 ) -> Path:
     """The durability card of a trained run (``card.md``, ``card.json``, ``trials.csv``,
-    ``effort.png``, ``search.png`` in ``out``); resumes the searches ``out`` (or ``storage``)
-    already holds. Every check (budget, families, data sizes) runs before the first trial."""
+    ``confirm.csv``, ``effort.png``, ``search.png`` in ``out``); resumes the searches ``out``
+    (or ``storage``) already holds. ``control``: a run folder or checkpoint of the same config
+    fitted with every immunization term off. Every check (budget, families, data sizes, the
+    control's architecture) runs before the first trial."""
     import torch
 
     from lightning_immunize.attacks.budgets import DEFAULT_BUDGETS, load_budget
@@ -575,12 +601,23 @@ def attack_checkpoint(
         run = load_run(config, ckpt)
     check_data_fingerprint(run.datamodule, recorded, allow_data_mismatch)
     stability = {"immunized": task_metric(run.module, run.datamodule).get("task_metric")}
-    models = released_models(run.module.extractor, run.theta_0, chosen.space.seed)
+    control_extractor = None
+    if control is not None:
+        control_module = _control_module(control, run.module.extractor)
+        control_extractor = control_module.extractor
+        stability["control"] = task_metric(control_module, run.datamodule).get("task_metric")
+    models = released_models(
+        run.module.extractor, run.theta_0, chosen.space.seed, control_extractor
+    )
     if "scratch" in models:
         holder = torch.nn.Module()
         holder.extractor, holder.head = run.theta_0, run.theta_0_head
         stability["reference"] = task_metric(holder, run.datamodule).get("task_metric")
-    tasks = attack_tasks(run.datamodule, chosen.eval_samples, chosen.space.seed, stability)
+    gen = chosen.generalization
+    unseen = None if gen is None else max(gen.data_budget or 0, max(chosen.space.batch_sizes))
+    tasks = attack_tasks(
+        run.datamodule, chosen.eval_samples, chosen.space.seed, stability, unseen or None
+    )
     meta = {"config": str(config), "checkpoint": str(ckpt)}
     if command:
         meta["command"] = command

@@ -7,8 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_immunize.attacks.attacker import OPTIMIZERS, step_marks
-from lightning_immunize.attacks.families import check_family
+from lightning_immunize.attacks.attacker import step_marks
+from lightning_immunize.attacks.families import (
+    BATCHNORM_CHOICES,
+    OPTIMIZERS,
+    SCHEDULES,
+    check_family,
+)
 
 DEFAULT_BUDGETS = Path(__file__).resolve().parents[2] / "configs" / "attack.yaml"
 CONDITIONS = ("resistance", "generalization", "trainability")
@@ -16,15 +21,33 @@ CONDITIONS = ("resistance", "generalization", "trainability")
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What the worst-case search may choose: optimizer, log-uniform learning rate in
-    ``[lr_low, lr_high]``, batch size; ``seed`` seeds the sampler and the attackers."""
+    """What the worst-case search may choose.
+
+    Attributes:
+        optimizers: SGD with momentum 0.9 and/or AdamW.
+        lr_ranges: ``(optimizer, low, high)`` log-uniform learning-rate range per optimizer.
+        lr_low, lr_high: the full-batch families' (``gd``, ``adam``) log-uniform range.
+        weight_decay: log-uniform ``(low, high)``.
+        schedules: ``constant`` and/or ``warmup-cosine``.
+        batch_sizes: the mini-batch families' choices.
+        batchnorm: ``keep`` and/or ``recalibrate`` (models with BatchNorm only).
+        seed: seeds the designs, the samplers and the attackers.
+        startup_trials: the Sobol design's size before TPE refines.
+        reduction_factor: successive halving keeps the best ``1/η`` at each step mark
+            (``0``: no pruning).
+    """
 
     optimizers: tuple[str, ...] = OPTIMIZERS
     lr_low: float = 1e-5
     lr_high: float = 1.0
     batch_sizes: tuple[int, ...] = (32, 64, 128)
     seed: int = 0
-    startup_trials: int = 2
+    startup_trials: int = 8
+    lr_ranges: tuple[tuple[str, float, float], ...] = (("sgd", 1e-4, 1.0), ("adamw", 1e-5, 1e-2))
+    weight_decay: tuple[float, float] = (1e-6, 1e-1)
+    schedules: tuple[str, ...] = SCHEDULES
+    batchnorm: tuple[str, ...] = BATCHNORM_CHOICES
+    reduction_factor: int = 3
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -33,16 +56,42 @@ class SearchSpace:
                 f"search_space.optimizers {list(self.optimizers)}: expected a "
                 f"non-empty subset of {list(OPTIMIZERS)}"
             )
-        if not 0 < self.lr_low <= self.lr_high:
-            raise ValueError(
-                f"search_space.lr [{self.lr_low}, {self.lr_high}]: expected 0 < low <= high"
-            )
+        for name, low, high in (("full-batch lr", self.lr_low, self.lr_high),
+                                *((f"lr of {o}", lo, hi) for o, lo, hi in self.lr_ranges),
+                                ("weight_decay", *self.weight_decay)):  # fmt: skip
+            if not 0 < low <= high:
+                raise ValueError(f"search_space.{name} [{low}, {high}]: expected 0 < low <= high")
+        missing = [
+            o for o in self.optimizers if o not in dict((o, 0) for o, _, _ in self.lr_ranges)
+        ]
+        if missing:
+            raise ValueError(f"search_space.lr: no range for optimizer(s) {missing}")
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ValueError(
                 f"search_space.batch_sizes {list(self.batch_sizes)}: expected positive integers"
             )
+        choices = (("schedules", self.schedules, SCHEDULES),
+                   ("batchnorm", self.batchnorm, BATCHNORM_CHOICES))  # fmt: skip
+        for name, values, allowed in choices:
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(
+                    f"search_space.{name} {list(values)}: expected a non-empty subset of "
+                    f"{list(allowed)}"
+                )
         if self.startup_trials < 0:
             raise ValueError(f"search_space.startup_trials must be >= 0, got {self.startup_trials}")
+        if self.reduction_factor < 0 or self.reduction_factor == 1:
+            raise ValueError(
+                f"search_space.reduction_factor must be 0 (no pruning) or >= 2, got "
+                f"{self.reduction_factor}"
+            )
+
+    def lr_range(self, optimizer: str) -> tuple[float, float]:
+        """The ``(low, high)`` learning-rate range of ``optimizer``."""
+        for name, low, high in self.lr_ranges:
+            if name == optimizer:
+                return low, high
+        raise ValueError(f"search_space.lr: no range for optimizer {optimizer!r}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +104,8 @@ class ConditionPlan:
 
 @dataclass(frozen=True)
 class Budget:
-    """A named budget: trials per (model, family), horizon, data budgets, families."""
+    """A named budget: trials per (model, family), horizon, data budgets, families;
+    ``reseeds`` re-runs of each study's best configuration give its worst case."""
 
     name: str
     trials: int
@@ -66,10 +116,13 @@ class Budget:
     generalization: ConditionPlan | None = None
     trainability: ConditionPlan | None = None
     space: SearchSpace = field(default_factory=SearchSpace)
+    reseeds: int = 3
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ValueError(f"budget {self.name!r}: trials must be >= 1, got {self.trials}")
+        if self.reseeds < 1:
+            raise ValueError(f"budget {self.name!r}: reseeds must be >= 1, got {self.reseeds}")
         try:
             step_marks(self.horizon)
         except ValueError as err:
@@ -99,6 +152,62 @@ def _condition(spec: Any, where: str) -> ConditionPlan | None:
     )
 
 
+TOP_KEYS = ("search_space", "budgets")
+SPACE_KEYS = ("optimizers", "lr", "full_batch_lr", "weight_decay", "schedules", "batchnorm",
+              "batch_sizes", "seed", "startup_trials", "reduction_factor")  # fmt: skip
+BUDGET_KEYS = ("trials", "horizon", "data_budgets", "eval_samples", "families",
+               "generalization", "trainability", "reseeds")  # fmt: skip
+
+
+def _check_keys(raw: Any, allowed: tuple[str, ...], where: str) -> None:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {list(allowed)}")
+
+
+def _pair(value: Any, where: str) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{where}: expected [low, high], got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _search_space(raw: dict[str, Any], where: str) -> SearchSpace:
+    """A :class:`SearchSpace` from ``search_space:``; ``lr`` is ``{optimizer: [low, high]}``,
+    or one ``[low, high]`` for every optimizer (and the full-batch families)."""
+    where = f"{where}: search_space"
+    _check_keys(raw, SPACE_KEYS, where)
+    defaults = SearchSpace()
+    lr = raw.get("lr")
+    if lr is None:
+        ranges = defaults.lr_ranges
+    elif isinstance(lr, dict):
+        ranges = tuple((o, *_pair(v, f"{where}.lr.{o}")) for o, v in lr.items())
+    else:
+        low, high = _pair(lr, f"{where}.lr")
+        ranges = tuple((o, low, high) for o in OPTIMIZERS)
+    if "full_batch_lr" in raw:
+        full = _pair(raw["full_batch_lr"], f"{where}.full_batch_lr")
+    elif lr is not None and not isinstance(lr, dict):
+        full = _pair(lr, f"{where}.lr")
+    else:
+        full = (defaults.lr_low, defaults.lr_high)
+    return SearchSpace(
+        optimizers=tuple(raw.get("optimizers", OPTIMIZERS)),
+        lr_low=full[0],
+        lr_high=full[1],
+        batch_sizes=tuple(int(b) for b in raw.get("batch_sizes", defaults.batch_sizes)),
+        seed=int(raw.get("seed", 0)),
+        startup_trials=int(raw.get("startup_trials", defaults.startup_trials)),
+        lr_ranges=ranges,
+        weight_decay=_pair(raw.get("weight_decay", defaults.weight_decay), f"{where}.weight_decay"),
+        schedules=tuple(raw.get("schedules", SCHEDULES)),
+        batchnorm=tuple(raw.get("batchnorm", BATCHNORM_CHOICES)),
+        reduction_factor=int(raw.get("reduction_factor", defaults.reduction_factor)),
+    )
+
+
 def load_budgets(path: str | Path = DEFAULT_BUDGETS) -> dict[str, Budget]:
     """Every budget of a budgets file, validated."""
     import yaml
@@ -107,19 +216,12 @@ def load_budgets(path: str | Path = DEFAULT_BUDGETS) -> dict[str, Budget]:
     if not path.is_file():
         raise FileNotFoundError(f"attack budgets file {path} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
-    raw_space = spec.get("search_space", {})
-    lr = raw_space.get("lr", [1e-5, 1.0])
-    space = SearchSpace(
-        optimizers=tuple(raw_space.get("optimizers", OPTIMIZERS)),
-        lr_low=float(lr[0]),
-        lr_high=float(lr[1]),
-        batch_sizes=tuple(int(b) for b in raw_space.get("batch_sizes", (32, 64, 128))),
-        seed=int(raw_space.get("seed", 0)),
-        startup_trials=int(raw_space.get("startup_trials", 2)),
-    )
+    _check_keys(spec, TOP_KEYS, str(path))
+    space = _search_space(spec.get("search_space") or {}, str(path))
     budgets = {}
     for name, raw in (spec.get("budgets") or {}).items():
         where = f"{path}: budget {name!r}"
+        _check_keys(raw, BUDGET_KEYS, where)
         families = raw.get("families", {})
         if not isinstance(families, dict):
             families = {"deep": families, "linear": families}
@@ -133,6 +235,7 @@ def load_budgets(path: str | Path = DEFAULT_BUDGETS) -> dict[str, Budget]:
             generalization=_condition(raw.get("generalization"), where),
             trainability=_condition(raw.get("trainability"), where),
             space=space,
+            reseeds=int(raw.get("reseeds", 3)),
         )
     return budgets
 

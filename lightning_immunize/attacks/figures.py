@@ -7,10 +7,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lightning_immunize.attacks.card import model_label
+from lightning_immunize.attacks.card import CARD_MODELS, model_label
 from lightning_immunize.evaluation.plots import _pyplot, _save
 
-COLORS = {"immunized": "tab:red", "reference": "tab:blue", "scratch": "tab:gray"}
+COLORS = {
+    "immunized": "tab:red",
+    "reference": "tab:blue",
+    "scratch": "tab:gray",
+    "ceiling": "tab:purple",
+    "control": "tab:orange",
+}
 
 
 def plot_effort(
@@ -34,7 +40,7 @@ def plot_effort(
     metric = card["metrics"].get(condition, "accuracy")
     for budget, family, entry in panels:
         ax = axes[budgets.index(budget)][families.index(family)]
-        for model in ("reference", "immunized", "scratch"):
+        for model in CARD_MODELS:
             if model in entry:
                 curve = entry[model]["worst_case"]
                 ax.plot(
@@ -42,9 +48,14 @@ def plot_effort(
                     curve,
                     marker="o",
                     ms=3,
-                    color=COLORS[model],
+                    color=COLORS.get(model),
                     label=model_label(card, model),
                 )
+                sd = entry[model].get("worst_case_sd")
+                if sd:
+                    low = [c - d for c, d in zip(curve, sd, strict=True)]
+                    high = [c + d for c, d in zip(curve, sd, strict=True)]
+                    ax.fill_between(card["marks"], low, high, color=COLORS.get(model), alpha=0.15)
         if entry.get("target") is not None and math.isfinite(entry["target"]):
             ax.axhline(entry["target"], color="k", lw=0.6, ls=":")
         ax.set_xscale("log")
@@ -65,35 +76,50 @@ def plot_search(
     higher_is_better: bool = True,
     card: dict[str, Any] | None = None,
 ) -> Path | None:
-    """Best-so-far search objective against trial number, one panel per family, resistance
-    studies only (one line per model and data budget)."""
-    series: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        if row["condition"] == "resistance":
-            series[row["family"]][(row["model"], str(row["data_budget"]))].append(
-                float(row["objective"])
-            )
+    """Best-so-far search objective (mean score over the marks on the selection split)
+    against trial number: one panel per (condition, family), one line per model and data
+    budget; pruned trials (×) leave the best-so-far unchanged. A defence can make good
+    configurations rarer without making the best one worse: the lines show both."""
+    series: dict[tuple[str, str], dict[tuple[str, str], list[tuple[float, bool]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for row in sorted(rows, key=lambda r: int(r["trial"])):
+        value = float(row["objective"]) if row["objective"] not in ("", None) else math.nan
+        pruned = bool(row.get("pruned_at"))
+        key = (row["condition"], row["family"])
+        series[key][(row["model"], str(row["data_budget"]))].append((value, pruned))
     if not series:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(series), squeeze=False, figsize=(3.2 * len(series), 2.8))
-    pick = max if higher_is_better else min
-    for ax, (family, lines) in zip(axes[0], series.items(), strict=True):
+    cols = min(len(series), 5)
+    nrows = -(-len(series) // cols)
+    fig, axes = plt.subplots(nrows, cols, squeeze=False, figsize=(3.2 * cols, 2.8 * nrows))
+    budgets = sorted({b for lines in series.values() for _, b in lines})
+    styles = ["-", "--", ":", "-."]
+    for ax, ((condition, family), lines) in zip(axes.flat, series.items(), strict=False):
         for (model, budget), values in lines.items():
-            best = [pick(values[: i + 1]) for i in range(len(values))]
-            ax.plot(
-                range(1, len(best) + 1),
-                best,
-                marker="o",
-                ms=3,
-                color=COLORS[model],
-                ls="-" if budget == "all" else "--",
-                label=f"{model_label(card or {}, model)}, n={budget}",
-            )
-        ax.set_title(family, fontsize=9)
+            best, current = [], math.nan
+            for value, _ in values:
+                if math.isfinite(value) and not (
+                    math.isfinite(current)
+                    and (value <= current if higher_is_better else value >= current)
+                ):
+                    current = value
+                best.append(current)
+            trials = range(1, len(best) + 1)
+            style = styles[budgets.index(budget) % len(styles)]
+            ax.plot(trials, best, color=COLORS.get(model), ls=style, lw=1.2,
+                    label=f"{model_label(card or {}, model)}, n={budget}")  # fmt: skip
+            cut = [(t, b) for t, (v, p), b in zip(trials, values, best, strict=True) if p]
+            if cut:
+                ax.plot(*zip(*cut, strict=True), "x", color=COLORS.get(model), ms=4)
+        ax.set_title(f"{condition}: {family}", fontsize=9)
         ax.set_xlabel("trial")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("best-so-far objective")
+    for ax in list(axes.flat)[len(series) :]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("best-so-far A (selection)")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, path, dpi=110)
