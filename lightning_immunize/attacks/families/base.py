@@ -40,6 +40,8 @@ WARMUP_FRACTION = 0.1
 #: What the attacker does with the model's BatchNorm statistics before training: keep the
 #: released ones, or recompute them on its own training samples (a cheap adaptive attack).
 BATCHNORM_CHOICES = ("keep", "recalibrate")
+#: The BatchNorm layers whose running statistics an attacker may recompute.
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,9 @@ class AttackerFamily:
     def optimizer(self, attacker: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The attacker's optimizer over ``params``: SGD with momentum 0.9, or AdamW."""
         if attacker.optimizer == "sgd":
-            return torch.optim.SGD(
-                params, lr=attacker.lr, momentum=SGD_MOMENTUM, weight_decay=attacker.weight_decay
-            )
-        return torch.optim.AdamW(params, lr=attacker.lr, weight_decay=attacker.weight_decay)
+            return fused(torch.optim.SGD, params, lr=attacker.lr, momentum=SGD_MOMENTUM,
+                         weight_decay=attacker.weight_decay)  # fmt: skip
+        return fused(torch.optim.AdamW, params, lr=attacker.lr, weight_decay=attacker.weight_decay)
 
     def run(self, extractor: nn.Module, data: Any, attacker: Any, cache: dict | None,
             split: str, per_sample: bool = False) -> Any | None:  # fmt: skip
@@ -129,6 +130,16 @@ class AttackerFamily:
         :class:`~lightning_immunize.attacks.attacker.AttackResult`), or ``None`` for the
         shared training loop (:func:`~lightning_immunize.attacks.training.run_attack`)."""
         return None
+
+
+def fused(optimizer: type[torch.optim.Optimizer], params: list[nn.Parameter], **kwargs: Any):
+    """``optimizer(params, fused=True, **kwargs)`` where torch has a fused kernel for these
+    parameters (on CPU, AdamW's is ≈ 5× faster than its per-tensor loop for a ResNet's blocks,
+    which bounds a fine-tuning step at small inputs), else the default implementation."""
+    try:
+        return optimizer(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return optimizer(params, **kwargs)
 
 
 def lr_factor(step: int, horizon: int, schedule: str) -> float:
@@ -206,7 +217,4 @@ def check_supported(extractor: nn.Module, family: str, name: str = "given") -> N
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm layers with running statistics."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        for m in model.modules()
-    )
+    return any(isinstance(m, BATCHNORMS) and m.track_running_stats for m in model.modules())

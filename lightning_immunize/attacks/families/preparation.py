@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from lightning_immunize.attacks.families.base import BATCHNORMS
 from lightning_immunize.metrics import extract_features
 from lightning_immunize.models import evaluating
 
@@ -54,8 +55,7 @@ def recalibrate_batchnorm(model: nn.Module, x: Tensor) -> nn.Module:
         >>> int(net[1].num_batches_tracked), net.training, net[1].training
         (1, False, False)
     """
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]  # fmt: skip
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms:
         return model
     modes = {m: m.training for m in model.modules()}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_immunize.attacks.families.base import (
     AttackerFamily,
     Prepared,
+    fused,
     register_family,
 )
 from lightning_immunize.attacks.families.preparation import cached_features
@@ -88,7 +89,7 @@ class FullBatchGD(Probe):
     full_batch = True
 
     def optimizer(self, attacker, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=attacker.lr)
+        return fused(torch.optim.SGD, params, lr=attacker.lr)
 
 
 @register_family
@@ -99,7 +100,7 @@ class FullBatchAdam(Probe):
     full_batch = True
 
     def optimizer(self, attacker, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=attacker.lr)
+        return fused(torch.optim.Adam, params, lr=attacker.lr)
 
 
 @register_family
