@@ -230,10 +230,19 @@ def _attack(argv: Sequence[str]) -> int:
         "--model.objective.init_args.lambda_pretrain 0); the card then separates the "
         "immunization from the extra training",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes on this machine sharing the search through the storage, each with "
+        "its share of the CPU threads (default 1); every worker writes the same card",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv))
     if args.run is None and not (args.config and args.ckpt):
         parser.error("give a run folder, or both --config and --ckpt")
+    if args.workers < 1:
+        parser.error(f"--workers: expected an integer >= 1, got {args.workers}")
 
     from lightning_immunize.attacks.budgets import DEFAULT_BUDGETS, load_budget
 
@@ -248,22 +257,87 @@ def _attack(argv: Sequence[str]) -> int:
 
     config, ckpt, report = _resolve_run_arguments(args)
     default_out = checkpoint_run(Path(ckpt).resolve()) / f"attack-{args.budget}"
-    card = attack_checkpoint(
-        config,
-        ckpt,
-        Path(args.out) if args.out else default_out,
-        budget=args.budget,
-        budgets_path=args.budgets,
-        families=args.families.split(",") if args.families else None,
-        storage=args.storage,
-        run_report=report,
-        allow_data_mismatch=args.allow_data_mismatch,
-        progress=not args.no_progress,
-        command=shlex.join(["lightning-immunize", "attack", *argv]),
-        control=args.control,
-    )
+    out = Path(args.out) if args.out else default_out
+    storage, helpers = args.storage, []
+    if args.workers > 1:
+        storage, helpers = _start_workers(argv, out, args.workers, storage)
+    try:
+        card = attack_checkpoint(
+            config,
+            ckpt,
+            out,
+            budget=args.budget,
+            budgets_path=args.budgets,
+            families=args.families.split(",") if args.families else None,
+            storage=storage,
+            run_report=report,
+            allow_data_mismatch=args.allow_data_mismatch,
+            progress=not args.no_progress,
+            command=shlex.join(["lightning-immunize", "attack", *argv]),
+            control=args.control,
+        )
+    except BaseException:
+        _stop_workers(helpers, stop=True)
+        raise
+    failed = _stop_workers(helpers)
+    if failed:
+        raise RuntimeError(f"attack worker(s) failed: {'; '.join(failed)}")
     print(f"wrote {card}")
     return 0
+
+
+def _start_workers(argv: Sequence[str], out: Path, workers: int, storage: str | None):
+    """Start ``workers − 1`` more ``attack`` processes on the same storage (SQLite in ``out``
+    by default), each — and this one — with ``cpu_count // workers`` torch threads; their
+    cards go to ``out/workers/k``. Returns ``(storage URL, processes)``."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from lightning_immunize.attacks.search import sqlite_url
+    from lightning_immunize.attacks.sweep import STUDIES_NAME
+
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or sqlite_url(out.resolve() / STUDIES_NAME)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    drop = {"--workers", "--out", "--storage"}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    processes = []
+    for k in range(1, workers):
+        log = (out / "workers").joinpath(f"{k}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        folder = str(out / "workers" / str(k))
+        command = [sys.executable, "-m", "lightning_immunize.cli", "attack", *kept,
+                   "--storage", storage, "--out", folder, "--no-progress"]  # fmt: skip
+        handle = log.open("w")
+        processes.append((subprocess.Popen(command, stdout=handle, stderr=handle, env=env), log))
+    return storage, processes
+
+
+def _stop_workers(processes, stop: bool = False) -> list[str]:
+    """Wait for the helper workers (``stop``: terminate them first, this one having failed);
+    returns their failures."""
+    failed = []
+    for process, log in processes:
+        if stop:
+            process.terminate()
+        code = process.wait()
+        if code != 0 and not stop:
+            failed.append(f"exit {code}, see {log}")
+    return failed
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

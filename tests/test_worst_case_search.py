@@ -417,3 +417,28 @@ def test_two_workers_on_one_storage_share_the_work_and_write_the_card_of_one(tmp
             workers |= {t.user_attrs["worker"] for t in study.trials if t.state.name == "COMPLETE"}
     assert len(workers) == 2
     assert math.isfinite(cards[0]["resistance"]["all"]["probe"]["immunized"]["mean"])
+
+
+@pytest.mark.slow
+def test_attack_with_two_workers_on_one_machine_writes_one_card_twice(tmp_path):
+    """``attack --workers 2`` starts a second process on the card's storage; both cards agree
+    and no study ran twice."""
+    from lightning_immunize.cli import main
+
+    root = tmp_path / "fit"
+    main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(root)])  # fmt: skip
+    run = root / "lightning_logs" / "version_0"
+    out = tmp_path / "card"
+    assert main(["attack", str(run), "--budget", "quick", "--out", str(out), "--workers", "2",
+                 "--no-progress", "--families", "probe,gd"]) == 0  # fmt: skip
+    mine = json.loads((out / "card.json").read_text())
+    theirs = json.loads((out / "workers" / "1" / "card.json").read_text())
+    assert mine["resistance"] == theirs["resistance"]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'studies.db'}")
+    for summary in optuna.get_all_study_summaries(storage):
+        if not summary.study_name.startswith("claims/"):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            indices = [t.user_attrs.get("index") for t in study.trials]
+            assert len(indices) == len(set(indices)), summary.study_name

@@ -302,7 +302,7 @@ def _interval_sentence(entry: dict[str, Any]) -> str:
     value, interval = entry.get("advantage_removed"), entry.get("advantage_removed_interval")
     if value is None or interval is None:
         return ""
-    text = f" Advantage removed {value:.2f}, 90 % interval {fmt_interval(interval)}"
+    text = f" Advantage removed {round(value, 2) + 0.0:.2f}, 90 % interval {fmt_interval(interval)}"
     if contains_zero(interval):
         return text + ": no measurable effect."
     return text + "."
@@ -398,7 +398,7 @@ def _ratio(entry: dict[str, Any], key: str) -> str:
     if value is None:
         return "—"
     interval = entry.get(f"{key}_interval")
-    text = f"{value:.2f}"
+    text = f"{round(value, 2) + 0.0:.2f}"
     if interval is not None:
         text += f" {fmt_interval(interval)}"
         if contains_zero(interval):

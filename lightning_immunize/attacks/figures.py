@@ -65,9 +65,20 @@ def plot_effort(
         ax.set_xlabel("attacker steps")
     for row in axes:
         row[0].set_ylabel(f"worst-case {metric}")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend(fig, axes)
     return _save(fig, path, dpi=110)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for every panel's lines (a model absent from the first panel included),
+    below the panels."""
+    seen: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(list(seen.values()), list(seen), loc="lower center",
+               ncol=min(len(seen), 6), fontsize=7, frameon=False)  # fmt: skip
 
 
 def plot_search(
@@ -120,6 +131,5 @@ def plot_search(
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("best-so-far A (selection)")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+    _legend(fig, axes)
     return _save(fig, path, dpi=110)

@@ -69,4 +69,5 @@ def contains_zero(interval: tuple[float, float] | None) -> bool:
 def fmt_interval(interval: tuple[float, float] | None, digits: int = 2) -> str:
     if interval is None or not all(math.isfinite(v) for v in interval):
         return "—"
-    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    low, high = (round(v, digits) + 0.0 for v in interval)  # no "-0.00"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"

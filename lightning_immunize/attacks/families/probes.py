@@ -53,6 +53,8 @@ def whitening(z: Tensor) -> tuple[Tensor, Tensor]:
     cov = centered.T @ centered / max(z64.shape[0] - 1, 1)
     evals, evecs = torch.linalg.eigh(cov)
     keep = evals > WHITENING_FLOOR * evals.max().clamp_min(torch.finfo(torch.float64).tiny)
+    if not keep.any():  # constant features: one direction, scaled by 1 (nothing to learn)
+        return mean.to(z.dtype), evecs[:, -1:].to(z.dtype)
     w = evecs[:, keep] * evals[keep].rsqrt()
     return mean.to(z.dtype), w.to(z.dtype)
 
