@@ -44,6 +44,7 @@ from lightning_immunize.attacks.families.probes import (
     ExactLineSearch,
     FullBatchAdam,
     FullBatchGD,
+    FullBatchProbe,
     Probe,
     WhitenedProbe,
     whitening,
@@ -73,7 +74,8 @@ __all__ = [
     "lr_factor", "FAMILY_REGISTRY", "OPTIMIZERS", "SCHEDULES", "BATCHNORM_CHOICES",
     "NetworkFamily", "FinetuneImmunized", "FinetuneAll", "Lora", "lora_target_modules",
     "LORA_RANK", "LORA_ALPHA", "Probe", "WhitenedProbe", "FullBatchGD", "FullBatchAdam",
-    "ExactLineSearch", "whitening", "WHITENING_FLOOR", "frozen_features", "prepare_network",
+    "FullBatchProbe", "ExactLineSearch", "whitening", "WHITENING_FLOOR", "frozen_features",
+    "prepare_network",
     "PROBE_FAMILIES", "FULL_BATCH_FAMILIES", "DETERMINISTIC_FAMILIES", "NETWORK_FAMILIES",
     "FAMILIES",
 ]  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -83,26 +84,29 @@ class WhitenedProbe(Probe):
         return Prepared(p.body, (p.train_x - mean) @ w, (p.eval_x - mean) @ w, score)
 
 
+class FullBatchProbe(Probe):
+    """A probe trained on every sample each step by ``step_rule`` (the step size searched)."""
+
+    full_batch = True
+    step_rule: ClassVar[type[torch.optim.Optimizer]] = torch.optim.SGD
+
+    def optimizer(self, attacker, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return fused(self.step_rule, params, lr=attacker.lr)
+
+
 @register_family
-class FullBatchGD(Probe):
-    """Full-batch gradient descent on a probe, step size searched."""
+class FullBatchGD(FullBatchProbe):
+    """Full-batch gradient descent on a probe."""
 
     name = "gd"
-    full_batch = True
-
-    def optimizer(self, attacker, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return fused(torch.optim.SGD, params, lr=attacker.lr)
 
 
 @register_family
-class FullBatchAdam(Probe):
-    """Full-batch Adam on a probe, step size searched."""
+class FullBatchAdam(FullBatchProbe):
+    """Full-batch Adam on a probe."""
 
     name = "adam"
-    full_batch = True
-
-    def optimizer(self, attacker, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return fused(torch.optim.Adam, params, lr=attacker.lr)
+    step_rule = torch.optim.Adam
 
 
 @register_family
