@@ -444,6 +444,33 @@ def test_quick_budget_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
 
 
 @needs_mnist
+def test_a_control_run_is_attacked_beside_theta0_and_a_foreign_one_is_refused(tiny_run, tmp_path):
+    """``--control``: the control's searches and ratios are in the card; a control whose
+    architecture differs from the immunized model is refused before any trial."""
+    from lightning_immunize.cli import main
+
+    out = tmp_path / "card"
+    args = ["attack", str(tiny_run), "--budget", "quick", "--out", str(out), "--no-progress",
+            "--families", "probe,finetune-immunized", "--control", str(tiny_run)]  # fmt: skip
+    assert main(args) == 0
+    card = json.loads((out / "card.json").read_text())
+    entry = card["resistance"]["128"]["finetune-immunized"]
+    assert {"control", "ceiling", "immunized", "reference", "scratch"} <= set(entry)
+    assert "control" not in card["resistance"]["128"]["probe"]  # network families only
+    assert card["stability"]["control"] == pytest.approx(card["stability"]["immunized"])
+    assert "advantage removed against the control" in (out / "card.md").read_text()
+    digits = tmp_path / "digits"
+    main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(digits)])  # fmt: skip
+    foreign = digits / "lightning_logs" / "version_0"
+    with pytest.raises(ValueError, match="--control .*not the immunized model's architecture"):
+        main(["attack", str(tiny_run), "--budget", "quick", "--out", str(tmp_path / "x"),
+              "--control", str(foreign)])  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+@needs_mnist
 @pytest.mark.slow
 def test_killed_attack_command_resumes_to_the_same_card(tiny_run, tmp_path):
     out = tmp_path / "card"
