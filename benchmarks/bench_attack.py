@@ -61,10 +61,9 @@ def main() -> None:
     folder = resolve_run(args.run)
     run = load_run(folder.config, folder.checkpoint)
     models = released_models(run.module.extractor, run.theta_0, budget.space.seed)
-    gen = budget.generalization  # the held-out split as the card draws it
-    unseen = None if gen is None else max(gen.data_budget or 0, max(budget.space.batch_sizes))
-    tasks = attack_tasks(run.datamodule, budget.eval_samples, budget.space.seed,
-                         unseen_samples=unseen or None)  # fmt: skip
+    tasks = attack_tasks(
+        run.datamodule, budget.eval_samples, budget.space.seed, unseen_samples=budget.unseen_samples
+    )  # the card's held-out split
     smallest = min(b for b in budget.data_budgets if b is not None)
     data = tasks.harmful.subset(smallest, budget.space.seed)
     families = default_families(models["immunized"], budget)

@@ -613,10 +613,8 @@ def attack_checkpoint(
         holder = torch.nn.Module()
         holder.extractor, holder.head = run.theta_0, run.theta_0_head
         stability["reference"] = task_metric(holder, run.datamodule).get("task_metric")
-    gen = chosen.generalization
-    unseen = None if gen is None else max(gen.data_budget or 0, max(chosen.space.batch_sizes))
     tasks = attack_tasks(
-        run.datamodule, chosen.eval_samples, chosen.space.seed, stability, unseen or None
+        run.datamodule, chosen.eval_samples, chosen.space.seed, stability, chosen.unseen_samples
     )
     meta = {"config": str(config), "checkpoint": str(ckpt)}
     if command:

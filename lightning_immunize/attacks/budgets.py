@@ -118,6 +118,14 @@ class Budget:
     space: SearchSpace = field(default_factory=SearchSpace)
     reseeds: int = 3
 
+    @property
+    def unseen_samples(self) -> int | None:
+        """Harmful samples the generalization attacker needs to train on (its data budget,
+        and at least the largest batch); ``None`` without a generalization condition."""
+        if self.generalization is None:
+            return None
+        return max(self.generalization.data_budget or 0, max(self.space.batch_sizes))
+
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ValueError(f"budget {self.name!r}: trials must be >= 1, got {self.trials}")

@@ -193,29 +193,21 @@ def _confirmed(runs: list[dict[str, Any]], marks: list[int], higher: bool) -> di
             "final": final, "final_sd": final_sd, "runs": len(runs)}  # fmt: skip
 
 
-def _intervals(
-    entry: dict[str, Any], samples: dict[str, np.ndarray], higher: bool, seed: int
-) -> None:
-    """Bootstrap 90 % intervals (re-runs × scoring samples, paired) of every ratio in ``entry``."""
+def _intervals(entry: dict[str, Any], samples: dict[str, np.ndarray], seed: int) -> None:
+    """Bootstrap 90 % intervals (re-runs × scoring samples, paired) of every ratio in ``entry``:
+    ``(A_start − A_model) / (A_start − A_scratch)`` over the replicates."""
     boot = bootstrap_means(samples, seed=seed)
-    sign = 1.0 if higher else -1.0
 
-    def ratio(top: str, low: str, base: str, bottom: str):
-        if not all(m in boot for m in (top, low, base, bottom)):
+    def ratio(start: str, model: str):
+        if not all(m in boot for m in (start, model, "scratch")):
             return None
-        return ratio_interval(
-            sign * boot[top], sign * boot[low], sign * boot[base], sign * boot[bottom]
-        )
+        return ratio_interval(boot[start], boot[model], boot[start], boot["scratch"])
 
-    entry["advantage_removed_interval"] = ratio("reference", "immunized", "reference", "scratch")
+    entry["advantage_removed_interval"] = ratio("reference", "immunized")
     if "control" in boot:
-        entry["advantage_removed_control_interval"] = ratio(
-            "control", "immunized", "control", "scratch"
-        )
+        entry["advantage_removed_control_interval"] = ratio("control", "immunized")
     if "ceiling" in boot:
-        entry["head_start_in_blocks_interval"] = ratio(
-            "reference", "ceiling", "reference", "scratch"
-        )
+        entry["head_start_in_blocks_interval"] = ratio("reference", "ceiling")
 
 
 def condition_table(
@@ -280,7 +272,7 @@ def condition_table(
             found = {m: samples[(budget, family, m)] for m in entry
                      if samples and (budget, family, m) in samples}  # fmt: skip
             if len(found) >= 2:
-                _intervals(entry, found, higher_is_better, seed)
+                _intervals(entry, found, seed)
                 for key in (
                     "advantage_removed",
                     "advantage_removed_control",

@@ -134,9 +134,8 @@ class TrialRecord:
 
 
 def search_objective(result: AttackResult, higher_is_better: bool) -> float:
-    """The value the attacker optimises: :func:`mean_score` of the trial, 1e30 when every
-    mark of an MSE trial diverged (Optuna needs a finite value)."""
-    return mean_score(result.scores, higher_is_better, all_diverged=1e30)
+    """The value the attacker optimises: :func:`running_mean` over all the trial's marks."""
+    return running_mean(result.scores, higher_is_better)
 
 
 class _DesignTrial:
@@ -277,15 +276,19 @@ class FinishedTrialsHalving:
 
     def should_stop(self, mark: int, own: float, previous: list[TrialRecord],
                     higher_is_better: bool) -> bool:  # fmt: skip
-        if mark < self.min_mark or not math.isfinite(own):
-            return not math.isfinite(own) and mark >= self.min_mark
+        if mark < self.min_mark:
+            return False
+        if not math.isfinite(own):
+            return True
         others = [running_mean(r.result.scores[: mark + 1], higher_is_better)
                   for r in previous if len(r.result.scores) > mark]  # fmt: skip
         return not self.keep(own, others, higher_is_better)
 
 
 def running_mean(scores: list[float], higher_is_better: bool) -> float:
-    """The mean score over the marks reached so far (the search objective so far)."""
+    """The mean score over the marks reached so far (the search objective so far):
+    :func:`mean_score`, 1e30 when every mark of an MSE trial diverged (Optuna needs a finite
+    value)."""
     return mean_score(scores, higher_is_better, all_diverged=1e30)
 
 

@@ -142,7 +142,7 @@ def plan_studies(
     gen = budget.generalization
     if gen is not None and tasks.harmful_unseen is not None:
         available = tasks.harmful_unseen.train_x.shape[0]
-        needed = max(gen.data_budget or 0, max(budget.space.batch_sizes))
+        needed = budget.unseen_samples
         if available < needed:
             notes.append(
                 f"generalization not measured: {available} unseen harmful samples, fewer than "
@@ -301,8 +301,8 @@ def run_studies(
         rows = [trial_row(s, r) for s in studies for r in records.confirms.get(s.name, [])]
         write_trials(out / CONFIRM_NAME, rows, budget.horizon)
 
-    done = sum(load(s) for s in studies)
-    total = sum(per_study.values())
+    counts = {s.name: load(s) for s in studies}
+    done, total = sum(counts.values()), sum(per_study.values())
     from tqdm.auto import tqdm
 
     if done:
@@ -312,7 +312,7 @@ def run_studies(
     try:
         with tqdm(total=total, initial=done, disable=not progress, desc="attack trials",
                   unit="trial", dynamic_ncols=True) as bar:  # fmt: skip
-            pending = [s for s in studies if load(s) < per_study[s.name]]
+            pending = [s for s in studies if counts[s.name] < per_study[s.name]]
             while pending:
                 for study in pending:
                     if load(study) >= per_study[study.name] or not claims.claim(keys[study.name]):

@@ -64,10 +64,6 @@ def _carve(
     return x[train], y[train], x[score], y[score]
 
 
-def _limit(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
-    return (x, y) if n is None else (x[:n], y[:n])
-
-
 def _stack(dataset) -> tuple[Tensor, Tensor]:
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack(
