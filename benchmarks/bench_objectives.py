@@ -14,12 +14,12 @@ One step is what ``ImmunizationModule.training_step`` does, without a Trainer::
   both sides of the batch (2·B samples), with ``--plain pretrain`` the D_P side only;
 * ``ours``: :class:`~lightning_immunize.objectives.ConditionNumberObjective`, preconditioner
   ``"none"`` (λ_P = 3e-3, λ_H = 1000, as ``bench_step.py``);
-* ``sophon K=1|3``: :class:`~lightning_immunize.attacker_aware.SimulatedAttackObjective`
+* ``sophon K=1|3``: :class:`~lightning_immunize.objectives.SimulatedAttackObjective`
   (defaults: SGD or Adam attacker, lr log-uniform in [1e-4, 0.1], D_P fine-tuning term on);
-* ``tar K=1|3``: :class:`~lightning_immunize.attacker_aware.TamperResistanceObjective`
+* ``tar K=1|3``: :class:`~lightning_immunize.objectives.TamperResistanceObjective`
   (defaults; the entropy loss averaged over the K attack steps);
 * ``ours_sa K=3``: ours (as above) plus SOPHON's terms with K = 3
-  (:class:`~lightning_immunize.attacker_aware.AttackerAwareConditionNumberObjective`).
+  (:class:`~lightning_immunize.objectives.AttackerAwareConditionNumberObjective`).
 
 The model is the deep MNIST shape: timm ``resnet18``, ``in_chans=1``, 28×28 random "digits",
 10 classes, ``trainable=["layer3", "layer4"]``, SGD Nesterov (lr 1e-3), batch 64 per side, on
@@ -41,14 +41,15 @@ from functools import partial
 import torch
 from bench_step import immunization_step, plain_step  # the same steps as bench_step.py
 
-from lightning_immunize.attacker_aware import (
+from lightning_immunize.models import TimmBackbone
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import (
     AttackerAwareConditionNumberObjective,
+    ConditionNumberObjective,
+    Objective,
     SimulatedAttackObjective,
     TamperResistanceObjective,
 )
-from lightning_immunize.models import TimmBackbone
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
-from lightning_immunize.objectives import Objective
 
 CLASSES = 10
 

@@ -44,7 +44,8 @@ from functools import partial
 import torch
 
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective
 
 BATCH = 64
 TARGETS = {"linear784": 2.0, "resnet18-224px-cuda": 1.15, "vit-b16-224px-cuda": 1.15}

@@ -31,9 +31,6 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-# Imported for its subclasses of Objective: ``--model.objective SimulatedAttackObjective``
-# (a short class name) resolves among the imported ones.
-from lightning_immunize import attacker_aware  # noqa: F401
 from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule

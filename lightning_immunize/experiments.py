@@ -36,6 +36,7 @@ from lightning_immunize.evaluation.tables import (
     probe_table,
     summary_table,
 )
+from lightning_immunize.objectives.registry import check_methods
 from lightning_immunize.sides import DISPLAY_SIDES
 
 __all__ = [
@@ -122,9 +123,7 @@ def plan_runs(
 ) -> list[Run]:
     """Every run of a sweep, in order: pair-major so a partial sweep covers whole pairs."""
     methods = [_current_method(m) for m in methods]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; expected a subset of {list(METHODS)}.")
+    check_methods(methods)
     if protocol == "house-prices" or protocol in DEEP_PROTOCOLS:
         return [Run(m, s) for s in seeds for m in methods]
     pairs = pairs if pairs is not None else [(a, b) for a in range(10) for b in range(10) if a != b]
@@ -326,7 +325,7 @@ def run_sweep(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}.")
     spec = load_protocols(spec_path)[protocol]
-    methods = list(methods or spec.get("default_methods", METHODS))
+    methods = list(methods or spec.get("default_methods") or protocol_methods(spec))
     seeds = list(seeds or spec.get("seeds", [1]))
     if command is None:
         command = sweep_command(protocol, out, methods, seeds, pairs, spec_path)
@@ -335,6 +334,11 @@ def run_sweep(
     with contextlib.chdir(project_root(spec_path, spec["config"])):
         _run_planned(protocol, spec, out, methods, seeds, pairs, progress)
     return write_summary(protocol, out, command)
+
+
+def protocol_methods(spec: dict[str, Any]) -> list[str]:
+    """The methods a protocol configures (its ``methods:``), in the registry's order."""
+    return [m for m in METHODS if m in (spec.get("methods") or {})]
 
 
 def project_root(spec_path: str | Path, config: str | Path) -> Path:

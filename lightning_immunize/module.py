@@ -13,6 +13,7 @@ The objectives (ours, Eq. 11, and the baselines) live in :mod:`lightning_immuniz
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -21,34 +22,35 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_immunize import objectives
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone, evaluating
-from lightning_immunize.objectives import (
-    OBJECTIVES,
-    ConditionNumberObjective,
-    ConditionNumberOptObjective,
-    IMMAObjective,
-    Objective,
-    ObjectiveOutput,
-    RMaxOnlyObjective,
-    _grad_scaler,
-    make_objective,
-)
+from lightning_immunize.objectives import Objective, ObjectiveOutput, make_objective
 from lightning_immunize.sides import SIDES
 from lightning_immunize.validation import check_finite
 
-# The objectives are re-exported here: configs written before they moved name
-# ``lightning_immunize.module.ConditionNumberObjective`` and keep working.
-__all__ = [
-    "ImmunizationModule",
-    "Objective",
-    "ObjectiveOutput",
+__all__ = ["ImmunizationModule"]
+
+# Configs and code written before the objectives moved name
+# ``lightning_immunize.module.ConditionNumberObjective``: they keep working, with a warning.
+_MOVED_TO_OBJECTIVES = (
     "ConditionNumberObjective",
     "RMaxOnlyObjective",
     "ConditionNumberOptObjective",
     "IMMAObjective",
     "OBJECTIVES",
-    "make_objective",
-]
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_OBJECTIVES:
+        warnings.warn(
+            f"lightning_immunize.module.{name} is deprecated: import it from "
+            "lightning_immunize.objectives; the old path goes away in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(objectives, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: ``params → Optimizer`` (LightningCLI parses ``class_path: torch.optim.Adam`` into one).
@@ -125,9 +127,11 @@ class ImmunizationModule(pl.LightningModule):
             epoch) or ``"step"`` (after every optimizer step).
         gradient_clip_val: clip the global gradient norm to this value (``None``: no clip).
         label_smoothing: passed to the head's loss.
-        method: shortcut for ``objective``: the name of an objective in :data:`OBJECTIVES`
-            (``ours``, ``rmax_only``, ``opt``, ``imma``); give ``method`` or ``objective``,
-            not both.
+        method: shortcut for ``objective``: the name of a registered objective
+            (:data:`~lightning_immunize.objectives.OBJECTIVES`: ``ours``, ``rmax_only``,
+            ``opt``, ``imma``, ``sophon``, ``tar``, ``ours_sa``, and any added with
+            :func:`~lightning_immunize.objectives.register_objective`); give ``method`` or
+            ``objective``, not both.
         method_args: the keyword arguments of ``method``'s objective, e.g.
             ``{lambda_pretrain: 30.0, lambda_harmful: 1000.0}`` (``None``: its defaults).
         harmful_bn_stats: whether forwards of harmful batches update BatchNorm running
@@ -173,7 +177,9 @@ class ImmunizationModule(pl.LightningModule):
                 )
             head = extractor.make_head()
         self.head = head
-        self.objective = objective if objective is not None else ConditionNumberObjective()
+        if objective is None:
+            objective = objectives.ConditionNumberObjective()
+        self.objective = objective
         if not isinstance(self.objective, Objective):
             raise TypeError(f"objective must be an Objective, got {type(objective).__name__}.")
         self.objective.prepare(self)
@@ -217,12 +223,25 @@ class ImmunizationModule(pl.LightningModule):
         self._check_finite(z, side, "features")
         return z
 
-    def _step_label(self) -> int | str:
+    def step_label(self) -> int | str:
         """The trainer's global step, or ``"?"`` outside a trainer (for messages)."""
         return self._trainer.global_step if self._trainer is not None else "?"
 
+    def grad_scaler(self) -> Any:
+        """The ``GradScaler`` of the trainer's precision plugin (16-bit mixed precision),
+        else ``None``."""
+        plugin = getattr(self._trainer, "precision_plugin", None)
+        return getattr(plugin, "scaler", None)
+
+    def loss_scale(self) -> float:
+        """The factor :meth:`manual_backward` multiplies a loss by (1 without a
+        ``GradScaler``), so gradients an objective adds to ``.grad`` by hand are on the same
+        scale (:class:`~lightning_immunize.objectives.ObjectiveHost`)."""
+        scaler = self.grad_scaler()
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
     def _check_finite(self, t: Tensor, side: str, what: str) -> None:
-        where = f" in the {side} dataset's batch at training step {self._step_label()}"
+        where = f" in the {side} dataset's batch at training step {self.step_label()}"
         check_finite(t, what, where)
 
     def _check_step(self, out: ObjectiveOutput) -> None:
@@ -235,7 +254,7 @@ class ImmunizationModule(pl.LightningModule):
         name = self.objective.name
         terms = {k: torch.as_tensor(v) for k, v in out.terms.items()}
         grads: list[tuple[str, Tensor]] = []
-        if _grad_scaler(self) is None:
+        if self.grad_scaler() is None:
             grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
         flags = [torch.isfinite(out.loss).all()]
         flags += [torch.isfinite(v).all() for v in terms.values()]
@@ -243,7 +262,7 @@ class ImmunizationModule(pl.LightningModule):
         device = out.loss.device
         if bool(torch.stack([f.to(device) for f in flags]).all()):
             return
-        step = self._step_label()
+        step = self.step_label()
         refused = "The step was refused before optimizer.step(): the parameters were not updated."
         if not torch.isfinite(out.loss).all():
             raise ValueError(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["check_finite", "unwritable_folder"]
+__all__ = ["check_finite", "unknown_choice", "unwritable_folder"]
 
 
 def unwritable_folder(path: str | Path) -> Path | None:
@@ -50,3 +51,19 @@ def check_finite(t: Tensor, name: str, where: str = "") -> None:
         f"non-finite {name} (NaN or inf in {int(bad.sum())} of {t.numel()} entries, first "
         f"{first}){where}, shape {tuple(t.shape)}; expected finite values."
     )
+
+
+def unknown_choice(what: str, value: object, choices: Iterable[object]) -> ValueError:
+    """The error for a ``value`` of ``what`` that is none of ``choices``, in the one wording
+    the package uses; ``value`` may be a list of bad values. Raise what it returns.
+
+    Example:
+        >>> raise unknown_choice("method", "ourz", ["ours", "opt"])
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown method 'ourz'; expected one of 'ours', 'opt'.
+        >>> print(unknown_choice("attacker family", ["x", "y"], ["probe"]))
+        Unknown attacker family 'x', 'y'; expected one of 'probe'.
+    """
+    bad = ", ".join(map(repr, value)) if isinstance(value, list | tuple) else repr(value)
+    return ValueError(f"Unknown {what} {bad}; expected one of {', '.join(map(repr, choices))}.")

@@ -21,17 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from lightning_immunize.attacker_aware import (
-    AttackerAwareConditionNumberObjective,
-    SimulatedAttackObjective,
-    TamperResistanceObjective,
-)
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
-from lightning_immunize.module import (
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import (
     OBJECTIVES,
+    AttackerAwareConditionNumberObjective,
     ConditionNumberObjective,
-    ImmunizationModule,
+    SimulatedAttackObjective,
+    TamperResistanceObjective,
     make_objective,
 )
 

@@ -20,12 +20,8 @@ from torch.utils.data import TensorDataset
 
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead
-from lightning_immunize.module import (
-    OBJECTIVES,
-    ConditionNumberObjective,
-    ImmunizationModule,
-    make_objective,
-)
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import OBJECTIVES, ConditionNumberObjective, make_objective
 from lightning_immunize.probing import epochs_to_reach
 
 F64 = torch.float64

@@ -14,7 +14,8 @@ from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import DigitsPairDataModule
 from lightning_immunize.evaluation.study import probing_study
 from lightning_immunize.models import LinearExtractor, LinearHead
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective
 
 
 def test_probing_callback_and_report_in_a_fit(tmp_path):

@@ -16,7 +16,8 @@ from lightning_immunize.datamodules import DigitsPairDataModule
 from lightning_immunize.evaluation.report import immunization_report
 from lightning_immunize.export import load_checkpoint, load_exported
 from lightning_immunize.models import LinearExtractor, LinearHead
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective
 
 REPO = Path(__file__).resolve().parents[1]
 # reproduce.yaml and attack.yaml are not fit configs (protocols; attacker budgets).

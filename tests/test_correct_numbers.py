@@ -80,7 +80,7 @@ def test_mnist_digit_one_rank_is_325():
 
 def test_training_rank_rule_is_the_report_rule():
     from lightning_immunize.models import LinearExtractor
-    from lightning_immunize.module import ConditionNumberObjective
+    from lightning_immunize.objectives import ConditionNumberObjective
 
     X = with_spectrum(40, np.logspace(0, -6, 12), seed=1).float()
     objective = ConditionNumberObjective(rank_rule="input")

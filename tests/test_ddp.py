@@ -19,7 +19,8 @@ from torch.utils.data import TensorDataset
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"

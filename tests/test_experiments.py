@@ -11,7 +11,8 @@ import lightning_immunize.experiments as experiments
 from lightning_immunize.evaluation.tables import summary_table
 from lightning_immunize.experiments import plan_runs, read_runs, run_sweep
 from lightning_immunize.models import LinearExtractor, LinearHead
-from lightning_immunize.module import OBJECTIVES, ImmunizationModule, make_objective
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import OBJECTIVES, make_objective
 
 PAIRS = [(0, 1), (3, 8)]
 
@@ -20,7 +21,7 @@ def test_plan_covers_every_pair_seed_and_method():
     runs = plan_runs("digits", ["reference", "ours"], [1, 2], None)
     assert len(runs) == 90 * 2 * 2 and len({r.key for r in runs}) == len(runs)
     assert len(plan_runs("house-prices", ["ours", "opt"], [1, 2, 3], None)) == 6
-    with pytest.raises(ValueError, match=r"unknown method\(s\) \['magic'\]"):
+    with pytest.raises(ValueError, match=r"Unknown method 'magic'; expected one of 'reference'"):
         plan_runs("digits", ["magic"], [1], None)
 
 
@@ -162,3 +163,28 @@ def test_old_identity_rows_and_name_still_work(tmp_path, monkeypatch):
     table = run_sweep("digits", tmp_path, ["reference"], [1], [(0, 1)], progress=False)
     assert read_runs(tmp_path / "runs.csv")[0]["method"] == "reference"
     assert "| reference (identity) | 1 |" in table.read_text()
+
+
+def test_every_registered_method_can_be_planned_and_a_new_one_too():
+    from lightning_immunize.objectives import Objective, register_objective, unregister_objective
+
+    assert [
+        r.method for r in plan_runs("house-prices", ["sophon", "tar", "ours_sa"], [1], None)
+    ] == [
+        "sophon",
+        "tar",
+        "ours_sa",
+    ]
+
+    class Plain(Objective):
+        name = "plain"
+
+    register_objective("plain", Plain)
+    try:
+        assert [r.method for r in plan_runs("house-prices", ["plain"], [1], None)] == ["plain"]
+        with pytest.raises(ValueError, match="'plain' is taken"):
+            register_objective("plain", Plain)
+    finally:
+        unregister_objective("plain")
+    with pytest.raises(ValueError, match="Unknown method 'plain'"):
+        plan_runs("house-prices", ["plain"], [1], None)

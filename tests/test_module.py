@@ -13,11 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_immunize.conditioning import feature_condition_number
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
-from lightning_immunize.module import (
-    ConditionNumberObjective,
-    ImmunizationModule,
-    make_objective,
-)
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective, make_objective
 from lightning_immunize.preconditioning import convert_linear_layers
 
 F64 = torch.float64

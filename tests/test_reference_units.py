@@ -18,7 +18,8 @@ from torch import nn
 
 from lightning_immunize.conditioning import feature_r_max, feature_r_min, r_max, r_min
 from lightning_immunize.models import TimmBackbone
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective
 
 REPO = Path(__file__).resolve().parents[1]
 

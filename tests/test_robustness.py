@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_immunize.models import LinearExtractor, LinearHead
-from lightning_immunize.module import ConditionNumberObjective, ImmunizationModule
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import ConditionNumberObjective
 
 
 def module_for(width: int, mode: str) -> ImmunizationModule:

@@ -24,10 +24,10 @@ from torch.utils.data import TensorDataset
 from lightning_immunize.conditioning import feature_r_max, feature_r_min
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead
-from lightning_immunize.module import (
+from lightning_immunize.module import ImmunizationModule
+from lightning_immunize.objectives import (
     ConditionNumberObjective,
     ConditionNumberOptObjective,
-    ImmunizationModule,
     Objective,
     ObjectiveOutput,
 )

@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from lightning_immunize.objectives.registry import LEGACY_METHODS, METHODS, REFERENCE
 from lightning_immunize.sides import DISPLAY_SIDES
 
 __all__ = [
@@ -22,14 +23,6 @@ __all__ = [
     "probe_table",
     "summary_table",
 ]
-
-#: The row of a sweep that is not immunized: the identity extractor in the linear protocols,
-#: θ_0 in the deep ones (every ratio is measured against it).
-REFERENCE = "reference"
-#: Its name before it was called what it is; old ``runs.csv`` files and ``--methods`` use it.
-LEGACY_METHODS = {"identity": REFERENCE}
-#: Every method of a sweep, in table order: the unimmunized reference first, ours last.
-METHODS = (REFERENCE, "rmax_only", "imma", "opt", "ours")
 
 
 def method_label(method: str, deep: bool = False) -> str:
@@ -157,8 +150,8 @@ def _mean_std(values: list[float], digits: int = 3) -> str:
 
 
 def method_order(present: Iterable[str], methods: Sequence[str] | None = None) -> list[str]:
-    """The methods in ``present``, in the order of ``methods`` (default :data:`METHODS`), any
-    others after them alphabetically."""
+    """The methods in ``present``, in the order of ``methods`` (default: the registry's,
+    :data:`~lightning_immunize.objectives.METHODS`), any others after them alphabetically."""
     present = set(present)
     order = [m for m in (methods or METHODS) if m in present]
     return order + sorted(present - set(order))

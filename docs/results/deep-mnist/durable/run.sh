@@ -13,9 +13,9 @@ seeds=${*:-1 2 3}
 mkdir -p "$work/cards"
 storage="sqlite:///$work/studies.db"
 class_of() { case $1 in
-  sophon) echo lightning_immunize.attacker_aware.SimulatedAttackObjective;;
-  tar) echo lightning_immunize.attacker_aware.TamperResistanceObjective;;
-  ours_sa) echo lightning_immunize.attacker_aware.AttackerAwareConditionNumberObjective;;
+  sophon) echo lightning_immunize.objectives.SimulatedAttackObjective;;
+  tar) echo lightning_immunize.objectives.TamperResistanceObjective;;
+  ours_sa) echo lightning_immunize.objectives.AttackerAwareConditionNumberObjective;;
 esac; }
 lam_key() { [ "$1" = ours_sa ] && echo lambda_attack || echo lambda_harmful; }
 

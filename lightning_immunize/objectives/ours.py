@@ -1,10 +1,4 @@
-r"""Immunization objectives: ours (Eq. 11 by Algorithm 1) and the baselines of Section 5.
-
-An :class:`Objective` owns the maths of one training step of
-:class:`~lightning_immunize.module.ImmunizationModule`: the task loss on the D_P batch and
-every regularizer term, with each regularizer's gradient preconditioned by its own dataset's
-input covariance (Algorithm 1). The module's training loop knows nothing of the maths; a
-baseline is another :class:`Objective`, selected by name (:data:`OBJECTIVES`).
+r"""Ours: the condition-number immunization of Eq. 11, applied by Algorithm 1.
 
 **Covariance scale.** Regularizers see the batch-mean feature covariance ``S = ZᵀZ/B``, so λ
 values do not depend on the batch size (the reference code sums, ``S = ZᵀZ``: its λ_P is ours
@@ -14,13 +8,10 @@ divided by ``B²`` and its λ_H ours times ``B²``; ``docs/reference-units.md``)
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -38,6 +29,12 @@ from lightning_immunize.conditioning import (
 )
 from lightning_immunize.distributed import all_reduce_sum, gather_rows, world_size
 from lightning_immunize.models import LinearExtractor
+from lightning_immunize.objectives.base import (
+    Objective,
+    ObjectiveHost,
+    ObjectiveOutput,
+    check_lambda,
+)
 from lightning_immunize.preconditioning import (
     PreconditionedLinear,
     PreconditionSwitch,
@@ -47,97 +44,17 @@ from lightning_immunize.preconditioning import (
 )
 from lightning_immunize.sides import SIDES
 
-if TYPE_CHECKING:  # typing only: the module imports this file, never the other way round
-    from lightning_immunize.module import ImmunizationModule
-
-__all__ = [
-    "Objective",
-    "ObjectiveOutput",
-    "ConditionNumberObjective",
-    "RMaxOnlyObjective",
-    "ConditionNumberOptObjective",
-    "IMMAObjective",
-    "OBJECTIVES",
-    "make_objective",
-    "input_rank",
-]
+__all__ = ["ConditionNumberObjective", "input_rank", "RANK_RULES", "COVARIANCE_ESTIMATORS"]
 
 COVARIANCE_ESTIMATORS = ("batch", "ema")
 #: A kept spectrum with κ ≤ 1 + this is flat: R_max sits at its floor with a zero gradient
 #: (the closed form treats eigenvalues within 1e-10·σ_max as one repeated eigenvalue).
 FLAT_KAPPA_RTOL = 1e-9
 
-
-@dataclass
-class ObjectiveOutput:
-    """What an objective reports for one step.
-
-    Attributes:
-        loss: the task loss on the D_P batch (detached).
-        logs: scalars to log (``train/<key>``).
-        terms: each regularizer term's value by a readable name (``"r_max on harmful"``,
-            ``"log κ(S_H)"``); the module refuses the step, before ``optimizer.step()``, if
-            one of them is not finite.
-    """
-
-    loss: Tensor
-    logs: dict[str, Tensor | float] = field(default_factory=dict)
-    terms: dict[str, Tensor | float] = field(default_factory=dict)
-
-
-class Objective:
-    """Base class of immunization objectives.
-
-    An objective owns the maths of one step: :meth:`backward` computes the task loss on the
-    D_P batch and every regularizer term, and leaves the (preconditioned) gradients in the
-    parameters' ``.grad`` by calling ``module.manual_backward`` or by adding to ``.grad``. It
-    reports each term's value in :attr:`ObjectiveOutput.terms`, so that the module can name a
-    non-finite one.
-    """
-
-    #: Name used in configs (``method:``), reports and exported metadata.
-    name: str = "objective"
-    #: Whether it simulates fine-tuning of the extractor's blocks, which means little for a
-    #: one-layer linear extractor (the CLI warns).
-    simulates_fine_tuning: bool = False
-
-    def prepare(self, module: ImmunizationModule) -> None:
-        """Adapt the model once, when the module is built (default: nothing)."""
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Running state to keep in checkpoints (default: none)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The objective's settings, for logs and exported metadata."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
-        raise NotImplementedError
-
-
-def _warn_lambda_renamed(method: str, new: str) -> None:
-    warnings.warn(
-        f"{method}: 'lambda_' is deprecated, use {new} (the same names as ours for the same "
-        "role); 'lambda_' goes away in the next release.",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def _check_lambda(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}.")
-    return float(value)
-
-
 RANK_RULES = ("auto", "input", "tolerance")
 
 
-def _check_rank_rule(rule: str) -> None:
+def check_rank_rule(rule: str) -> None:
     if rule not in RANK_RULES:
         raise ValueError(f"Unknown rank_rule {rule!r}; expected one of {RANK_RULES}.")
 
@@ -154,7 +71,7 @@ def input_rank(extractor: nn.Module, x: Tensor, width: int, rule: str = "auto") 
     Raises:
         ValueError: for an unknown ``rule`` or a batch of rank 0.
     """
-    _check_rank_rule(rule)
+    check_rank_rule(rule)
     if rule == "auto":
         rule = "input" if isinstance(extractor, LinearExtractor) else "tolerance"
     if rule == "tolerance":
@@ -202,7 +119,7 @@ class ConditionNumberObjective(Objective):
         covariance: str = "batch",
         ema_decay: float = 0.9,
     ) -> None:
-        self.lambda_pretrain = _check_lambda("lambda_pretrain", lambda_pretrain)
+        self.lambda_pretrain = check_lambda("lambda_pretrain", lambda_pretrain)
         if covariance not in COVARIANCE_ESTIMATORS:
             raise ValueError(
                 f"Unknown covariance estimator {covariance!r}; expected one of "
@@ -213,10 +130,10 @@ class ConditionNumberObjective(Objective):
         self.covariance = covariance
         self.ema_decay = float(ema_decay)
         self._running: dict[str, Tensor] = {}
-        self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
+        self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
         if preconditioner != "auto":
             check_mode(preconditioner)
-        _check_rank_rule(rank_rule)
+        check_rank_rule(rank_rule)
         if not ridge > 0:
             raise ValueError(f"ridge must be > 0, got {ridge!r}.")
         self.preconditioner = preconditioner
@@ -226,7 +143,7 @@ class ConditionNumberObjective(Objective):
 
     # -- resolved settings ------------------------------------------------------------------
 
-    def prepare(self, module: ImmunizationModule) -> None:
+    def prepare(self, module: ObjectiveHost) -> None:
         """``ridge`` mode: turn the extractor's ``nn.Linear`` layers into preconditioned ones
         (same parameters) so each regularizer's weight gradient gets ``(Σ+ρI)⁻¹``."""
         if self.mode_for(module.extractor) != "ridge":
@@ -264,7 +181,7 @@ class ConditionNumberObjective(Objective):
         ]
         return [t for t in terms if t[2] > 0]
 
-    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
+    def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
         """Eq. 11 by Algorithm 1: task loss + regularizers on the *global* batch (all ranks'
         features, ``docs/distributed.md``), each side's batch forwarded once.
 
@@ -326,7 +243,7 @@ class ConditionNumberObjective(Objective):
 
     @staticmethod
     def _ridge_backward(
-        module: ImmunizationModule,
+        module: ObjectiveHost,
         loss: Tensor,
         regularizer: Tensor | float,
         switch: PreconditionSwitch,
@@ -350,7 +267,7 @@ class ConditionNumberObjective(Objective):
             return
         with switch.on():
             grads = torch.autograd.grad(
-                regularizer * _loss_scale(module), params, retain_graph=True, allow_unused=True
+                regularizer * module.loss_scale(), params, retain_graph=True, allow_unused=True
             )
         module.manual_backward(loss)
         pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
@@ -366,7 +283,7 @@ class ConditionNumberObjective(Objective):
                 p.grad.add_(g.to(p.dtype))
 
     def _warn_if_at_floor(
-        self, module: ImmunizationModule, side: str, value: Tensor, kappa: Tensor
+        self, module: ObjectiveHost, side: str, value: Tensor, kappa: Tensor
     ) -> None:
         """Warn, once per objective and side, when R_max sits at its floor: a flat kept
         spectrum (rank 1 or all eigenvalues equal) gives ``d(S) = 0``, ``R_max = 1/(floor·σ_1²)``
@@ -383,7 +300,7 @@ class ConditionNumberObjective(Objective):
         self._flat_warned.add(side)
         rank_zero_warn(
             f"R_max on the {side} batch is at its floor at training step "
-            f"{module._step_label()}: the kept spectrum of the feature covariance is flat "
+            f"{module.step_label()}: the kept spectrum of the feature covariance is flat "
             f"(κ = {float(kappa):.6g}; expected κ > 1 — rank-1 features or all eigenvalues "
             "equal), so R_max = 1/(floor·σ_max²) has a zero gradient and this term does not "
             f"immunize. Check the {side} data (identical or collinear samples? a batch of one "
@@ -418,7 +335,7 @@ class ConditionNumberObjective(Objective):
 
     def _exact_step(
         self,
-        module: ImmunizationModule,
+        module: ObjectiveHost,
         z: Tensor,
         kind: str,
         lam: float,
@@ -437,214 +354,9 @@ class ConditionNumberObjective(Objective):
                 z, kind, rank=rank, left=weight.detach().mT
             )
         update = grad_theta.mT
-        alpha = 2.0 * lam * _loss_scale(module)
+        alpha = 2.0 * lam * module.loss_scale()
         if weight.grad is None:
             weight.grad = (alpha * update).to(weight.dtype)
         else:  # in place: no 784×784 temporaries on the hot path
             weight.grad.add_(update.to(weight.dtype), alpha=alpha)
         return value
-
-
-class RMaxOnlyObjective(ConditionNumberObjective):
-    """Baseline ``rmax_only`` (Section 5): ``L(D_P) + λ_H·R_max(S_H)``, i.e. ours with λ_P = 0.
-
-    Args:
-        lambda_harmful: ``λ_H ≥ 0``, the weight of ``R_max(S_H)``.
-        preconditioner: ``"exact"``, ``"ridge"``, ``"none"`` or ``"auto"``, as for
-            :class:`ConditionNumberObjective`.
-        ridge: relative ridge ``ρ`` of the ``ridge`` preconditioner.
-        rank_rule: ``"input"``, ``"tolerance"`` or ``"auto"``, as for
-            :class:`ConditionNumberObjective`.
-        covariance: ``"batch"`` (each step's global batch) or ``"ema"`` (running estimate).
-        ema_decay: ``β ∈ [0, 1)`` of the ``ema`` covariance.
-    """
-
-    name = "rmax_only"
-
-    def __init__(
-        self,
-        lambda_harmful: float = 1.0,
-        preconditioner: str = "auto",
-        ridge: float = 1e-3,
-        rank_rule: str = "auto",
-        covariance: str = "batch",
-        ema_decay: float = 0.9,
-    ) -> None:
-        super().__init__(
-            0.0, lambda_harmful, preconditioner, ridge, rank_rule, covariance, ema_decay
-        )
-
-
-class ConditionNumberOptObjective(Objective):
-    r"""Baseline ``opt`` (Section 5): ``L(D_P) + λ_P·log κ(S_P) − λ_H·log κ(S_H)``,
-    differentiated directly through ``eigvalsh`` with autograd (no surrogate, no
-    preconditioning). The paper's single λ is ``λ_P = λ_H = λ``.
-
-    κ by the same rank rule as ours (input rank of the batch for a linear extractor).
-
-    Args:
-        lambda_pretrain: ``λ_P ≥ 0``, the weight of ``log κ(S_P)`` (same role as ours').
-        lambda_harmful: ``λ_H ≥ 0``, the weight of ``−log κ(S_H)``.
-        rank_rule: ``"input"``, ``"tolerance"`` or ``"auto"``, as for
-            :class:`ConditionNumberObjective` (see :func:`input_rank`).
-        lambda_: deprecated: sets both λ (the old single-λ argument).
-    """
-
-    name = "opt"
-
-    def __init__(
-        self,
-        lambda_pretrain: float = 1.0,
-        lambda_harmful: float = 1.0,
-        rank_rule: str = "auto",
-        lambda_: float | None = None,
-    ) -> None:
-        if lambda_ is not None:
-            _warn_lambda_renamed("opt", "lambda_pretrain and lambda_harmful")
-            lambda_pretrain = lambda_harmful = lambda_
-        self.lambda_pretrain = _check_lambda("lambda_pretrain", lambda_pretrain)
-        self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
-        _check_rank_rule(rank_rule)
-        self.rank_rule = rank_rule
-
-    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
-        x = {side: batch[side][0] for side in SIDES}
-        z = {side: module.features(x[side], side=side) for side in SIDES}
-        loss = module.task_loss(z["pretrain"], batch["pretrain"][1])
-        width = z["pretrain"].shape[-1]
-        kappa = {}
-        for side in SIDES:
-            x_all = gather_rows(x[side], differentiable=False)
-            rank = input_rank(module.extractor, x_all, width, self.rank_rule)
-            zs = gather_rows(z[side].reshape(z[side].shape[0], -1))
-            kappa[side] = feature_condition_number(zs, rank=rank)
-        log_kappa = {side: torch.log(kappa[side]) for side in SIDES}
-        log_gap = log_kappa["pretrain"] - log_kappa["harmful"]
-        # κ = inf (a zero eigenvalue among the kept ones) makes this gradient NaN; the module
-        # refuses such a step before optimizer.step(), naming the term.
-        module.manual_backward(
-            loss
-            + self.lambda_pretrain * log_kappa["pretrain"]
-            - self.lambda_harmful * log_kappa["harmful"]
-        )
-        return ObjectiveOutput(
-            loss=loss.detach(),
-            logs={
-                "task_loss": loss.detach(),
-                "log_kappa_gap": log_gap.detach(),
-                "kappa_pretrain": kappa["pretrain"].detach(),
-                "kappa_harmful": kappa["harmful"].detach(),
-            },
-            terms={
-                "log κ(S_P)": log_kappa["pretrain"].detach(),
-                "log κ(S_H)": log_kappa["harmful"].detach(),
-            },
-        )
-
-
-class IMMAObjective(Objective):
-    r"""Baseline ``imma`` (Zheng & Yeh 2024; Section 5), bi-level.
-
-    Inner loop: ``inner_steps`` differentiable gradient steps (lr ``inner_lr``) of a linear
-    probe ``w`` (a fresh copy of the head's shape, zero-initialised) on the D_H batch's
-    features with the head's loss, giving ``w_H(θ)``. Outer step: minimise
-    ``L(D_P) − λ_H·L(D_H; w_H(θ), θ)``, back-propagating through the inner steps.
-
-    Args:
-        lambda_harmful: ``λ_H ≥ 0``, the weight of the harmful term (same role as ours').
-        inner_steps: differentiable probe steps of the inner loop.
-        inner_lr: learning rate of the inner loop's probe steps.
-        lambda_: deprecated name of ``lambda_harmful``.
-    """
-
-    name = "imma"
-
-    def __init__(
-        self,
-        lambda_harmful: float = 1.0,
-        inner_steps: int = 5,
-        inner_lr: float = 0.1,
-        lambda_: float | None = None,
-    ) -> None:
-        if lambda_ is not None:
-            _warn_lambda_renamed("imma", "lambda_harmful")
-            lambda_harmful = lambda_
-        self.lambda_harmful = _check_lambda("lambda_harmful", lambda_harmful)
-        if inner_steps < 1:
-            raise ValueError(f"inner_steps must be ≥ 1, got {inner_steps!r}.")
-        if not inner_lr > 0:
-            raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}.")
-        self.inner_steps = int(inner_steps)
-        self.inner_lr = float(inner_lr)
-
-    def backward(self, module: ImmunizationModule, batch: Mapping[str, Any]) -> ObjectiveOutput:
-        z_p = module.features(batch["pretrain"][0], side="pretrain")
-        loss = module.task_loss(z_p, batch["pretrain"][1])
-        x_h, y_h = batch["harmful"][0], gather_rows(batch["harmful"][1], differentiable=False)
-        z_h = gather_rows(module.features(x_h, side="harmful").reshape(x_h.shape[0], -1))
-        head = module.head
-        weight = torch.zeros_like(head.linear.weight, requires_grad=True)
-        bias = torch.zeros_like(head.linear.bias, requires_grad=True)
-        for _ in range(self.inner_steps):
-            inner = self._probe_loss(head, z_h, y_h, weight, bias)
-            g_w, g_b = torch.autograd.grad(inner, (weight, bias), create_graph=True)
-            weight, bias = weight - self.inner_lr * g_w, bias - self.inner_lr * g_b
-        harmful_loss = self._probe_loss(head, z_h, y_h, weight, bias)
-        module.manual_backward(loss - self.lambda_harmful * harmful_loss)
-        return ObjectiveOutput(
-            loss=loss.detach(),
-            logs={"task_loss": loss.detach(), "harmful_probe_loss": harmful_loss.detach()},
-            terms={"harmful probe loss L(D_H; w_H(θ))": harmful_loss.detach()},
-        )
-
-    @staticmethod
-    def _probe_loss(head: nn.Module, z: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        output = torch.nn.functional.linear(z, weight, bias)
-        if output.shape[-1] == 1 and y.ndim == 1:
-            output = output.squeeze(-1)
-        return head.loss(output, y)
-
-
-def _attacker_aware(class_name: str) -> Callable[..., Objective]:
-    """Builds :mod:`lightning_immunize.attacker_aware`'s ``class_name``, importing that module
-    at the first build: it subclasses :class:`Objective`, so a top-level import is a cycle."""
-
-    def build(**kwargs: Any) -> Objective:
-        from lightning_immunize import attacker_aware
-
-        return getattr(attacker_aware, class_name)(**kwargs)
-
-    build.__name__ = build.__qualname__ = class_name
-    return build
-
-
-#: Objectives selectable by name (``method:`` in configs).
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "ours": ConditionNumberObjective,
-    "rmax_only": RMaxOnlyObjective,
-    "opt": ConditionNumberOptObjective,
-    "imma": IMMAObjective,
-    "sophon": _attacker_aware("SimulatedAttackObjective"),
-    "tar": _attacker_aware("TamperResistanceObjective"),
-    "ours_sa": _attacker_aware("AttackerAwareConditionNumberObjective"),
-}
-
-
-def make_objective(method: str, **kwargs: Any) -> Objective:
-    """Build the objective registered under ``method`` (see :data:`OBJECTIVES`)."""
-    if method not in OBJECTIVES:
-        raise ValueError(f"Unknown method {method!r}; expected one of {sorted(OBJECTIVES)}.")
-    return OBJECTIVES[method](**kwargs)
-
-
-def _grad_scaler(module: pl.LightningModule) -> Any:
-    """The ``GradScaler`` of the trainer's precision plugin (16-bit mixed precision), else None."""
-    plugin = getattr(module._trainer, "precision_plugin", None)
-    return getattr(plugin, "scaler", None)
-
-
-def _loss_scale(module: pl.LightningModule) -> float:
-    """The factor ``manual_backward`` multiplies the loss by (1 without a ``GradScaler``), so
-    gradients an objective adds to ``.grad`` by hand are on the same scale."""
-    scaler = _grad_scaler(module)
-    return float(scaler.get_scale()) if scaler is not None else 1.0
