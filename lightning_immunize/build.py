@@ -12,6 +12,7 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import logging
 import re
 import sys
@@ -34,12 +35,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.datamodules import PairedDataModule
+from lightning_immunize.evaluation.report import check_data_fingerprint
 from lightning_immunize.export import load_checkpoint
 from lightning_immunize.models import LinearExtractor
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.run_folder import (
     LAST_CHECKPOINT,
     REPORT_NAME,
+    check_checkpoint_current,
+    checkpoint_run,
     run_folders,
     unfinished_runs,
 )
@@ -52,6 +56,8 @@ __all__ = [
     "load_run",
     "load_theta0",
     "load_trained",
+    "quiet_lightning",
+    "recorded_report",
 ]
 
 #: Lightning warnings that say nothing about a lightning-immunize run: the CSV logger is our
@@ -316,10 +322,32 @@ class TrainedRun:
     theta_0_head: torch.nn.Module | None
 
 
-def load_run(config: str | Path, ckpt: str | Path) -> TrainedRun:
+def load_run(
+    config: str | Path,
+    ckpt: str | Path,
+    check_data: bool = False,
+    run_report: str | Path | None = None,
+    allow_data_mismatch: bool = False,
+) -> TrainedRun:
     """A run's module with the checkpoint's weights, and θ_0 (``PretrainFromScratch``'s cached
     network when the config trains θ_0 from scratch, else the extractor as the config builds
-    it: pretrained weights or its checkpoint path)."""
+    it: pretrained weights or its checkpoint path).
+
+    Args:
+        config: the run's config (its ``config.yaml``, or another).
+        ckpt: the checkpoint whose weights to load.
+        check_data: check the run before measuring it: the checkpoint must not be behind the
+            run's ``immunization.json`` (refused before anything is built), and the data the
+            config builds must have the fingerprint that report records.
+        run_report: that ``immunization.json`` (default: the one of ``ckpt``'s run folder;
+            nothing to check when there is none).
+        allow_data_mismatch: with ``check_data``, measure on other data on purpose.
+
+    Raises:
+        ValueError: with ``check_data``, a stale checkpoint, or data whose fingerprint differs
+            (unless ``allow_data_mismatch``).
+    """
+    recorded = recorded_report(ckpt, run_report) if check_data else None
     with tempfile.TemporaryDirectory() as tmp:
         buildable = _buildable_config(config, Path(tmp))
         cli = instantiate(["--config", str(buildable), "--trainer.logger", "false"])
@@ -331,7 +359,34 @@ def load_run(config: str | Path, ckpt: str | Path) -> TrainedRun:
     module = module.to(dtype)
     module.load_state_dict(state)
     module.eval()
+    if check_data:
+        check_data_fingerprint(datamodule, recorded, allow_data_mismatch)
     return TrainedRun(module, datamodule, reference, head)
+
+
+def recorded_report(ckpt: str | Path, run_report: str | Path | None = None) -> dict | None:
+    """The run's ``immunization.json`` (``run_report``, default: the one of ``ckpt``'s run
+    folder; ``None`` when there is none), after refusing a checkpoint that is behind it."""
+    report_path = Path(run_report or checkpoint_run(ckpt) / REPORT_NAME)
+    check_checkpoint_current(ckpt, load_checkpoint(ckpt, mmap=True).get("global_step"), report_path)
+    return json.loads(report_path.read_text()) if report_path.is_file() else None
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's per-run warnings and banners off for the block only (a sweep starts
+    hundreds of trainers); the caller's warning filters and log levels come back after."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def load_trained(

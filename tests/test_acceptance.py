@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_immunize.cli import main
-from lightning_immunize.experiments import evaluate_checkpoint
+from lightning_immunize.commands.evaluate import evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HOUSE_CSV = REPO.parent / "shared" / "data" / "house-prices" / "train.csv"

@@ -278,8 +278,7 @@ def test_probe_table_verdicts_on_constructed_curves(tmp_path):
     # read_probes and the constants are not on the stable import list (they moved out of
     # experiments): imported here, so a later move breaks only this test
     from lightning_immunize.evaluation.study import read_probes
-    from lightning_immunize.evaluation.tables import PROBE_EPOCHS_SHOWN, PROBE_FRACTION
-    from lightning_immunize.experiments import probe_table
+    from lightning_immunize.evaluation.tables import PROBE_EPOCHS_SHOWN, PROBE_FRACTION, probe_table
 
     assert PROBE_FRACTION == 0.9 and PROBE_EPOCHS_SHOWN == (1, 5, 20)
     probes = constructed_probes()
@@ -327,7 +326,7 @@ def test_probe_table_verdicts_on_constructed_curves(tmp_path):
 def test_probe_table_without_reference_run():
     """A seed without a θ_0 run gets a ``—`` cell and no verdict; a seed with one is
     compared. No probes at all: an empty table."""
-    from lightning_immunize.experiments import probe_table
+    from lightning_immunize.evaluation.tables import probe_table
 
     probes = {
         ("ours", "0"): {"harmful": {"sgd": FLAT}, "pretrain": {"sgd": FLAT}},

@@ -173,7 +173,7 @@ def test_fit_writes_deep_report(tmp_path):
 
 @needs_mnist
 def test_reproduce_deep_mnist_shortened_end_to_end(tmp_path):
-    from lightning_immunize.experiments import run_sweep
+    from lightning_immunize.commands.reproduce import run_sweep
 
     spec = yaml.safe_load((ROOT / "configs" / "reproduce.yaml").read_text())
     deep = spec["deep-mnist"]

@@ -79,3 +79,37 @@ def test_top_level_names_resolve():
         assert getattr(li, name) is not None, name
     assert li.ImmunizationModule.__name__ == "ImmunizationModule"
     assert torch.is_tensor(li.condition_number(torch.eye(2)))
+
+
+@pytest.mark.parametrize(
+    ("old", "name", "new"),
+    [
+        ("lightning_immunize.experiments", "run_sweep", "lightning_immunize.commands.reproduce"),
+        (
+            "lightning_immunize.experiments",
+            "attack_checkpoint",
+            "lightning_immunize.commands.attack",
+        ),
+        ("lightning_immunize.experiments", "probe_table", "lightning_immunize.evaluation.tables"),
+        ("lightning_immunize.module", "ConditionNumberObjective", "lightning_immunize.objectives"),
+        ("lightning_immunize.module", "OBJECTIVES", "lightning_immunize.objectives"),
+    ],
+)
+def test_moved_names_still_import_with_a_warning_naming_the_new_home(old, name, new):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(new), name)
+
+
+def test_the_old_attacker_aware_module_warns_and_hands_on_the_same_classes():
+    import importlib
+    import sys
+
+    sys.modules.pop("lightning_immunize.attacker_aware", None)
+    with pytest.warns(DeprecationWarning, match="lightning_immunize.objectives"):
+        old = importlib.import_module("lightning_immunize.attacker_aware")
+    from lightning_immunize.objectives import SimulatedAttackObjective
+
+    assert old.SimulatedAttackObjective is SimulatedAttackObjective

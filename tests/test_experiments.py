@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import lightning_immunize.experiments as experiments
+import lightning_immunize.commands.reproduce as experiments
+from lightning_immunize.commands.reproduce import plan_runs, read_runs, run_sweep
 from lightning_immunize.evaluation.tables import summary_table
-from lightning_immunize.experiments import plan_runs, read_runs, run_sweep
 from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import OBJECTIVES, make_objective

@@ -196,8 +196,8 @@ def test_rir_callback_without_validation_logs_on_training_epochs(caplog):
 def test_nothing_users_read_cites_the_internal_spec(tmp_path):
     """README, docs and every generated table cite the paper or docs/, not a spec file users
     do not have."""
+    from lightning_immunize.commands.reproduce import write_summary
     from lightning_immunize.evaluation.tables import summary_table
-    from lightning_immunize.experiments import write_summary
 
     texts = {p: p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]}
     texts.update({p: p.read_text() for p in (ROOT / "lightning_immunize").rglob("*.py")})
