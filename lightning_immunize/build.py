@@ -33,7 +33,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
+from lightning_immunize.callbacks.pretrain import PretrainFromScratch
 from lightning_immunize.callbacks.report import ImmunizationReport
+from lightning_immunize.callbacks.theta0 import Theta0Setup
 from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.evaluation.report import check_data_fingerprint
 from lightning_immunize.export import load_checkpoint
@@ -47,6 +49,7 @@ from lightning_immunize.run_folder import (
     run_folders,
     unfinished_runs,
 )
+from lightning_immunize.theta0 import AsBuilt, Theta0
 
 __all__ = [
     "ImmunizationCLI",
@@ -57,6 +60,7 @@ __all__ = [
     "load_theta0",
     "load_trained",
     "quiet_lightning",
+    "resolve_theta0",
     "recorded_report",
 ]
 
@@ -170,6 +174,20 @@ class ImmunizationCLI(LightningCLI):
                 raise
             raise ConfigError(parser_error_line(buffer.getvalue())) from None
         sys.stderr.write(buffer.getvalue())
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_subclass_arguments(
+            Theta0,
+            "theta0",
+            required=False,
+            help="How θ_0, the model immunization starts from, is obtained "
+            "(lightning_immunize.theta0: AsBuilt, FromScratch, FromCheckpoint; default AsBuilt).",
+        )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        self.theta0 = resolve_theta0(config.get("theta0"), self.trainer)
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(
@@ -285,7 +303,15 @@ def instantiate(args: Sequence[str]) -> ImmunizationCLI:
 
 #: Top-level keys of a run's saved ``config.yaml`` that build the objects; the others
 #: (``ckpt_path``, ``weights_only``, …) are arguments of the ``fit`` call itself.
-CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler")
+CONFIG_SECTIONS = (
+    "seed_everything",
+    "trainer",
+    "model",
+    "data",
+    "theta0",
+    "optimizer",
+    "lr_scheduler",
+)
 
 
 def _buildable_config(config: str | Path, folder: Path) -> Path:
@@ -301,14 +327,37 @@ def _buildable_config(config: str | Path, folder: Path) -> Path:
     return path
 
 
-def load_theta0(cli: ImmunizationCLI) -> tuple[ImmunizationModule, PairedDataModule]:
-    """The CLI's module with θ_0 in it — loaded (or trained once and cached) by the config's
-    ``PretrainFromScratch`` callbacks, else as built — and its data module."""
-    from lightning_immunize.callbacks.pretrain import PretrainFromScratch
+def resolve_theta0(source: Theta0 | None, trainer: pl.Trainer) -> Theta0:
+    """The config's θ_0 source, put at the head of ``trainer``'s callbacks (a
+    :class:`~lightning_immunize.callbacks.theta0.Theta0Setup`), so it runs before any other.
 
-    for callback in cli.trainer.callbacks:
-        if isinstance(callback, PretrainFromScratch):
-            callback.apply(cli.model, cli.datamodule)
+    A deprecated ``PretrainFromScratch`` among the callbacks is taken out and becomes the
+    source; ``None`` and no such callback: :class:`~lightning_immunize.theta0.AsBuilt`.
+
+    Raises:
+        ConfigError: the config has both a ``theta0:`` group and a ``PretrainFromScratch``.
+    """
+    legacy = [cb for cb in trainer.callbacks if isinstance(cb, PretrainFromScratch)]
+    if legacy:
+        if source is not None or len(legacy) > 1:
+            raise ConfigError(
+                "The config says twice how θ_0 is obtained (a theta0: group and a "
+                "PretrainFromScratch callback, or two such callbacks); expected one theta0: "
+                "group."
+            )
+        source = legacy[0].source
+    trainer.callbacks[:] = [
+        cb for cb in trainer.callbacks if not isinstance(cb, PretrainFromScratch | Theta0Setup)
+    ]
+    source = source if source is not None else AsBuilt()
+    trainer.callbacks.insert(0, Theta0Setup(source))
+    return source
+
+
+def load_theta0(cli: ImmunizationCLI) -> tuple[ImmunizationModule, PairedDataModule]:
+    """The CLI's module with θ_0 in it — loaded, trained once and cached, or as built, as the
+    config's ``theta0:`` group says — and its data module."""
+    cli.theta0.apply(cli.model, cli.datamodule)
     return cli.model, cli.datamodule
 
 

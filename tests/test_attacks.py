@@ -398,6 +398,7 @@ def tiny_run(tmp_path_factory) -> Path:
         "limit_val_batches": 0, "enable_progress_bar": False, "default_root_dir": str(root),
         "callbacks": [card],
     }  # fmt: skip
+    config.pop("theta0")  # θ_0 as built: the tiny model is not pre-trained
     config["model"]["extractor"]["init_args"].update(model_name="test_resnet")
     config["data"]["init_args"].update(
         root=str(MNIST), max_samples=600, withhold_harmful=0.5, batch_size=32

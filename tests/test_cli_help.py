@@ -44,6 +44,7 @@ from lightning_immunize.objectives import (
     IMMAObjective,
     RMaxOnlyObjective,
 )
+from lightning_immunize.theta0 import FromCheckpoint, FromScratch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -67,6 +68,8 @@ OUR_CLASSES = [
     ConditionNumberMonitor,
     ProbingCallback,
     PretrainFromScratch,
+    FromScratch,
+    FromCheckpoint,
 ]
 
 #: ``fit --help`` was ~1,930 lines, ~1,350 of them the nn.Module subclasses listed under

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from lightning_immunize.callbacks.pretrain import PretrainFromScratch
 from lightning_immunize.datamodules import MNISTHalvesDataModule
 from lightning_immunize.evaluation.study import probe_accuracy_curves
 from lightning_immunize.models import TimmBackbone
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.pretraining import state_fingerprint
+from lightning_immunize.theta0 import FromScratch
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "MNIST"
@@ -91,7 +91,7 @@ def test_timm_seed_fixes_initial_weights_and_keeps_global_rng():
 def test_theta0_trained_once_then_loaded_from_cache(tmp_path):
     dm = MNISTHalvesDataModule(MNIST, max_samples=120)
     recipe = dict(epochs=1, max_epochs=1, min_accuracy=0.0, batch_size=32, progress=False)
-    first = PretrainFromScratch(cache_dir=tmp_path, **recipe)
+    first = FromScratch(cache_dir=tmp_path, **recipe)
     m1 = _tiny_module()
     initial = state_fingerprint(m1.extractor, m1.head)
     info = first.apply(m1, dm)
@@ -104,19 +104,19 @@ def test_theta0_trained_once_then_loaded_from_cache(tmp_path):
     assert first.apply(m1, dm) is first.info and len(list(tmp_path.glob("*.pt"))) == 1
     # A fresh module with the same initial weights loads the same θ_0 from the cache.
     m2 = _tiny_module()
-    second = PretrainFromScratch(cache_dir=tmp_path, **recipe)
+    second = FromScratch(cache_dir=tmp_path, **recipe)
     assert second.apply(m2, dm)["cached"]
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # Another recipe is another θ_0.
-    other = PretrainFromScratch(cache_dir=tmp_path, **{**recipe, "lr": 3e-3})
+    other = FromScratch(cache_dir=tmp_path, **{**recipe, "lr": 3e-3})
     assert other.cache_key(_tiny_module(), dm) != info["key"]
 
 
 @needs_mnist
 def test_theta0_below_min_accuracy_raises(tmp_path):
     dm = MNISTHalvesDataModule(MNIST, max_samples=60)
-    cb = PretrainFromScratch(
+    cb = FromScratch(
         cache_dir=tmp_path, epochs=1, max_epochs=1, min_accuracy=1.0, lr=1e-9, progress=False
     )
     with pytest.raises(RuntimeError, match="min_accuracy"):
@@ -126,9 +126,9 @@ def test_theta0_below_min_accuracy_raises(tmp_path):
 
 def test_pretrain_bad_recipe():
     with pytest.raises(ValueError, match="epochs"):
-        PretrainFromScratch(epochs=3, max_epochs=2)
+        FromScratch(epochs=3, max_epochs=2)
     with pytest.raises(ValueError, match="min_accuracy"):
-        PretrainFromScratch(min_accuracy=97)
+        FromScratch(min_accuracy=97)
 
 
 @needs_mnist
@@ -148,7 +148,7 @@ def _short_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "cnn_mnist.yaml").read_text())
     cfg["trainer"].update(max_epochs=1, limit_train_batches=2, logger=False)
     cfg["trainer"]["enable_checkpointing"] = False
-    theta0 = cfg["trainer"]["callbacks"][0]["init_args"]
+    theta0 = cfg["theta0"]["init_args"]
     theta0.update(cache_dir=str(tmp_path / "cache"), epochs=1, max_epochs=1, min_accuracy=0.0)
     theta0["progress"] = False
     cfg["model"]["extractor"]["init_args"]["model_name"] = "test_resnet"

@@ -113,3 +113,13 @@ def test_the_old_attacker_aware_module_warns_and_hands_on_the_same_classes():
     from lightning_immunize.objectives import SimulatedAttackObjective
 
     assert old.SimulatedAttackObjective is SimulatedAttackObjective
+
+
+def test_pretrain_from_scratch_warns_and_is_the_from_scratch_source(tmp_path):
+    from lightning_immunize.callbacks import PretrainFromScratch
+    from lightning_immunize.theta0 import FromScratch
+
+    with pytest.warns(DeprecationWarning, match="theta0"):
+        callback = PretrainFromScratch(cache_dir=tmp_path, epochs=2, max_epochs=4)
+    assert isinstance(callback.source, FromScratch)
+    assert callback.recipe == FromScratch(cache_dir=tmp_path, epochs=2, max_epochs=4).recipe

@@ -112,7 +112,7 @@ def _short_cnn_mnist(tmp_path: Path, cache: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "cnn_mnist.yaml").read_text())
     cfg["trainer"].update(max_epochs=1, limit_train_batches=2, logger=False)
     cfg["trainer"]["enable_checkpointing"] = False
-    theta0 = cfg["trainer"]["callbacks"][0]["init_args"]
+    theta0 = cfg["theta0"]["init_args"]
     theta0.update(cache_dir=str(cache), epochs=1, max_epochs=1, min_accuracy=0.0, progress=False)
     cfg["model"]["extractor"]["init_args"]["model_name"] = "test_resnet"
     cfg["data"]["init_args"].update(root=str(MNIST), max_samples=150, batch_size=16)

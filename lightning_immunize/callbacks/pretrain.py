@@ -1,60 +1,39 @@
-"""θ_0 trained from scratch and cached, when no pre-trained weights exist (deep MNIST halves):
-a thin adapter over :mod:`lightning_immunize.pretraining` (the recipe, the cache key, the
-atomic cache file), so every method, seed and later run starts from the same network.
-"""
+"""Deprecated: θ_0 is configuration now — the ``theta0:`` group
+(:class:`lightning_immunize.theta0.FromScratch`), resolved by the builder before any
+callback runs. ``PretrainFromScratch`` under ``trainer.callbacks`` maps onto it, with a
+warning, and goes away in the next release."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_immunize.distributed import world_size
-from lightning_immunize.pretraining import (
-    default_cache_dir,
-    save_theta0,
-    state_fingerprint,
-    theta0_key,
-    train_classifier,
-)
+from lightning_immunize.callbacks.theta0 import Theta0Setup
+from lightning_immunize.theta0 import FromScratch
 
 __all__ = ["PretrainFromScratch"]
 
 
-class PretrainFromScratch(pl.Callback):
-    """Makes the module's extractor and head θ_0: loads them from the cache, or trains them
-    from scratch on ``D_P`` (:func:`train_classifier`) and caches them. Runs in ``setup`` of
-    ``fit`` (before a checkpoint is restored and before any callback keeps θ_0 as the
-    reference), so list it before other callbacks.
-
-    The data module must give ``full_tensors("train")`` and ``full_tensors("val")`` (held-out
-    images, for the accuracy). Under DDP rank 0 trains and writes while the others wait, then
-    every rank loads the same file.
+class PretrainFromScratch(Theta0Setup):
+    """Deprecated: use ``theta0: {class_path: lightning_immunize.theta0.FromScratch,
+    init_args: ...}`` in the config (same arguments, same cache). The builder takes this
+    callback out of ``trainer.callbacks`` and resolves its θ_0 first.
 
     Args:
-        cache_dir: folder of the cached files (default :func:`default_cache_dir` ``/ "theta0"``).
-        epochs: train at least this many epochs (``1 ≤ epochs ≤ max_epochs``), then stop
-            once the held-out accuracy reaches ``min_accuracy``.
+        cache_dir: folder of the cached files.
+        epochs: train at least this many epochs (``1 ≤ epochs ≤ max_epochs``).
         max_epochs: train at most this many epochs.
         min_accuracy: the held-out accuracy, in [0, 1], to reach.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         batch_size: training batch size.
-        seed: seed of the shuffles (a private generator; the global RNG is untouched).
+        seed: seed of the shuffles.
         progress: show a progress bar while training.
-        require_accuracy: raise if the held-out accuracy stays below ``min_accuracy`` after
-            ``max_epochs`` (otherwise a warning is printed and the model is used anyway).
-
-    Attributes:
-        info: after :meth:`apply`: ``path``, ``key``, ``cached`` (loaded, not trained),
-            ``val_accuracy`` (the final held-out accuracy), ``epochs``, ``seconds``,
-            ``fingerprint`` (of the θ_0 weights: applying again to a module that already holds
-            them does nothing).
+        require_accuracy: raise if the held-out accuracy stays below ``min_accuracy``.
     """
 
     def __init__(
@@ -70,99 +49,40 @@ class PretrainFromScratch(pl.Callback):
         progress: bool = True,
         require_accuracy: bool = True,
     ) -> None:
-        if not 1 <= epochs <= max_epochs:
-            raise ValueError(f"need 1 <= epochs <= max_epochs, got {epochs=}, {max_epochs=}")
-        if not 0.0 <= min_accuracy <= 1.0:
-            raise ValueError(f"min_accuracy must be in [0, 1], got {min_accuracy!r}")
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.recipe = {
-            "epochs": epochs,
-            "max_epochs": max_epochs,
-            "min_accuracy": min_accuracy,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "batch_size": batch_size,
-            "seed": seed,
-        }
-        self.progress = progress
-        self.require_accuracy = require_accuracy
-        self.info: dict[str, Any] = {}
+        warnings.warn(
+            "PretrainFromScratch is deprecated: write θ_0 as configuration, `theta0: "
+            "{class_path: lightning_immunize.theta0.FromScratch, init_args: {...}}` with the "
+            "same arguments (the cached θ_0 is the same); the callback goes away in the next "
+            "release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(
+            FromScratch(
+                cache_dir,
+                epochs,
+                max_epochs,
+                min_accuracy,
+                lr,
+                weight_decay,
+                batch_size,
+                seed,
+                progress,
+                require_accuracy,
+            )
+        )
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return self.source.recipe
 
     @property
     def directory(self) -> Path:
-        return self.cache_dir if self.cache_dir is not None else default_cache_dir() / "theta0"
+        return self.source.directory
 
     def cache_key(self, module: nn.Module, datamodule: Any) -> str:
-        """The key of θ_0 for this module's initial weights, the recipe and ``D_P``."""
-        x, y, _, _ = datamodule.full_tensors("train")
-        x_val, y_val, _, _ = datamodule.full_tensors("val")
-        return theta0_key(module.extractor, module.head, self.recipe, (x, y, x_val, y_val))
+        return self.source.cache_key(module, datamodule)
 
-    def apply(self, module: nn.Module, datamodule: Any, trainer: pl.Trainer | None = None) -> dict:
+    def apply(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict:
         """Loads or trains θ_0 into ``module.extractor`` and ``module.head``; returns ``info``."""
-        if (
-            self.info
-            and state_fingerprint(module.extractor, module.head) == self.info["fingerprint"]
-        ):
-            return self.info  # already θ_0 (applied before fit, then again in setup)
-        datamodule.setup("fit")
-        key = self.cache_key(module, datamodule)
-        path = self.directory / f"theta0-{key}.pt"
-        cached = path.is_file()
-        is_zero = trainer is None or trainer.is_global_zero
-        if not cached and is_zero:
-            self._train_and_save(module, datamodule, path, key)
-        if trainer is not None and world_size() > 1:
-            trainer.strategy.barrier("lightning_immunize.theta0")
-        if not path.is_file():
-            raise FileNotFoundError(f"θ_0 cache file {path} was not written")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        module.extractor.load_state_dict(state["extractor"])
-        module.head.load_state_dict(state["head"])
-        self.info = {"path": str(path), "key": key, "cached": cached, **state["info"]}
-        self.info["fingerprint"] = state_fingerprint(module.extractor, module.head)
-        if cached:
-            rank_zero_info(
-                f"θ_0 loaded from cache {path} (held-out accuracy {self.info['val_accuracy']:.4f})"
-            )
-        return self.info
-
-    def _train_and_save(self, module: nn.Module, datamodule: Any, path: Path, key: str) -> None:
-        x, y, _, _ = datamodule.full_tensors("train")
-        x_val, y_val, _, _ = datamodule.full_tensors("val")
-        dtype = next(module.head.parameters()).dtype
-        result = train_classifier(
-            module.extractor,
-            module.head,
-            x.to(dtype),
-            y,
-            x_val.to(dtype),
-            y_val,
-            progress=self.progress,
-            **self.recipe,
-        )
-        accuracy = result["val_accuracy"][-1]
-        rank_zero_info(
-            f"θ_0 trained from scratch: held-out accuracy {accuracy:.4f} after "
-            f"{result['epochs']} epoch(s), {result['seconds']:.1f} s"
-        )
-        if accuracy < self.recipe["min_accuracy"]:
-            message = (
-                f"θ_0 reached held-out accuracy {accuracy:.4f} < min_accuracy "
-                f"{self.recipe['min_accuracy']} after max_epochs={self.recipe['max_epochs']}"
-            )
-            if self.require_accuracy:
-                raise RuntimeError(message + "; raise max_epochs or lr, or lower min_accuracy")
-            rank_zero_info("warning: " + message)
-        info = {
-            "val_accuracy": accuracy,
-            "val_accuracy_history": result["val_accuracy"],
-            "epochs": result["epochs"],
-            "seconds": result["seconds"],
-            "recipe": self.recipe,
-        }
-        save_theta0(path, module.extractor, module.head, info)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.apply(pl_module, trainer.datamodule, trainer)
+        return self.source.apply(module, datamodule, trainer)
