@@ -40,6 +40,16 @@ _EXPORTS: dict[str, str] = {
     "ConditionNumberMonitor": "callbacks",
     "ProbingCallback": "callbacks",
     "PretrainFromScratch": "callbacks",
+    "Theta0Setup": "callbacks",
+    "DurabilityCard": "callbacks",
+    "LastCheckpoint": "callbacks",
+    # θ_0 as configuration
+    "AsBuilt": "theta0",
+    "FromScratch": "theta0",
+    "FromCheckpoint": "theta0",
+    # the durability card
+    "AttackerFamily": "attacks.families",
+    "register_family": "attacks.families",
     # metrics
     "RelativeImmunizationRatio": "metrics",
     "DeepRelativeImmunizationRatio": "metrics",

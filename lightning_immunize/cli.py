@@ -45,16 +45,21 @@ USAGE = _usage()
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 
-def _error_line(error: BaseException) -> str:
-    """Our own message from an error, also when jsonargparse wrapped it in a Union error."""
+def error_line(error: BaseException) -> str:
+    """The one line the command line prints for a user error: our own message (also when
+    jsonargparse wrapped it in a Union error), ending in a full stop, the same way whatever
+    the message's punctuation; an OS error as its reason and file."""
     text = str(error)
     if "Errors:" in text:  # jsonargparse: "Errors:\n  - <ours>\n  - Expected a <class ...>"
         lines = text.split("Errors:", 1)[1].splitlines()
         ours = [ln.strip()[2:] for ln in lines if ln.strip().startswith("- ")]
         ours = [m for m in ours if not m.startswith("Expected a <class")]
         if ours:
-            return "; ".join(ours)
-    return f"{type(error).__name__}: {text}" if not text.endswith(".") else text
+            text = "; ".join(m.rstrip(".") for m in ours)
+    elif isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{error.strerror}: {error.filename}"
+    text = " ".join(text.split())
+    return text if text.endswith((".", "?", "!")) else f"{text}."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         if debug or not from_command_line:
             raise
-        print(f"lightning-immunize: error: {_error_line(error)}", file=sys.stderr)
+        print(f"lightning-immunize: error: {error_line(error)}", file=sys.stderr)
         print("(run again with --debug for the traceback)", file=sys.stderr)
         return 2
 

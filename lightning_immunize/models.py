@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_immunize.validation import unknown_choice
+
 __all__ = [
     "evaluating",
     "LinearExtractor",
@@ -132,7 +134,7 @@ class LinearExtractor(nn.Module):
     ) -> None:
         super().__init__()
         if init not in self.INITS:
-            raise ValueError(f"unknown init {init!r}; valid choices are {list(self.INITS)}")
+            raise unknown_choice("init", init, self.INITS)
         if in_features < 1:
             raise ValueError(f"in_features must be positive, got {in_features}")
         out_features = in_features if out_features is None else out_features
@@ -206,7 +208,7 @@ class LinearHead(nn.Module):
     def __init__(self, in_features: int, num_outputs: int, task: str) -> None:
         super().__init__()
         if task not in self.TASKS:
-            raise ValueError(f"unknown task {task!r}; valid choices are {list(self.TASKS)}")
+            raise unknown_choice("task", task, self.TASKS)
         if in_features < 1 or num_outputs < 1:
             raise ValueError(
                 f"in_features and num_outputs must be positive, got {in_features}, {num_outputs}"

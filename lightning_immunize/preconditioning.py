@@ -15,7 +15,7 @@ regularizers evaluated on the batch-mean feature covariance ``ZᵀZ/N``.
 
 :class:`PreconditionedLinear` is a drop-in ``nn.Linear`` whose backward preconditions its
 weight gradient by the (ridge) inverse covariance of the inputs that went through it; the
-input and bias gradients are left alone. Toggle it with :func:`preconditioning` so only the
+input and bias gradients are left alone. Toggle it with :func:`preconditioning_enabled` so only the
 regularizer's backward pass is preconditioned, never the task loss's; or, to serve both from
 **one** forward, run the forward under :func:`deferred_preconditioning` and switch the
 preconditioner on only around the regularizer's backward (the switch is read at backward time).
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_immunize.distributed import all_reduce_sum
+from lightning_immunize.validation import unknown_choice
 
 __all__ = [
     "MODES",
@@ -67,7 +68,7 @@ DTYPE = torch.float64
 def check_mode(mode: str) -> str:
     """Return ``mode`` if it is a known preconditioner mode, else raise ``ValueError``."""
     if mode not in MODES:
-        raise ValueError(f"Unknown preconditioner mode {mode!r}; expected one of {MODES}.")
+        raise unknown_choice("preconditioner mode", mode, MODES)
     return mode
 
 

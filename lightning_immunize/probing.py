@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_immunize.validation import check_finite
+from lightning_immunize.validation import check_finite, unknown_choice
 
 __all__ = [
     "ATTACKERS",
@@ -410,7 +410,7 @@ def run_attackers(
     names = list(ATTACKERS) if names is None else list(names)
     unknown = [n for n in names if n not in ATTACKERS]
     if unknown:
-        raise ValueError(f"unknown attacker name(s) {unknown}; valid names: {sorted(ATTACKERS)}")
+        raise unknown_choice("probing attacker", unknown, sorted(ATTACKERS))
     _check_problem(Z, y, w0)
     return {n: ATTACKERS[n](Z, y, steps=steps, tol=tol, w0=w0) for n in names}
 

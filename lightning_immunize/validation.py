@@ -61,9 +61,9 @@ def unknown_choice(what: str, value: object, choices: Iterable[object]) -> Value
         >>> raise unknown_choice("method", "ourz", ["ours", "opt"])
         Traceback (most recent call last):
         ...
-        ValueError: Unknown method 'ourz'; expected one of 'ours', 'opt'.
+        ValueError: unknown method 'ourz'; expected one of 'ours', 'opt'.
         >>> print(unknown_choice("attacker family", ["x", "y"], ["probe"]))
-        Unknown attacker family 'x', 'y'; expected one of 'probe'.
+        unknown attacker family 'x', 'y'; expected one of 'probe'.
     """
     bad = ", ".join(map(repr, value)) if isinstance(value, list | tuple) else repr(value)
-    return ValueError(f"Unknown {what} {bad}; expected one of {', '.join(map(repr, choices))}.")
+    return ValueError(f"unknown {what} {bad}; expected one of {', '.join(map(repr, choices))}.")

@@ -1,38 +1,36 @@
-"""Shared fixtures: the command line run as a user runs it."""
+"""Shared fixtures: the command line run as a user runs it, and the digits runs that several
+files read. Plain helpers (called with arguments from module-level code): ``support.helpers``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SUPPORT = Path(__file__).resolve().parent / "support"
-
-
-def cli_env() -> dict[str, str]:
-    """The environment of a ``lightning-immunize`` subprocess: this checkout first, and the
-    fault-injection callbacks of ``tests/support`` importable from configs."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)])}
+# Lightning must not be imported here (see support/helpers.py): caplog would miss its logs.
+from support.helpers import fit_digits, run_cli, run_fit
 
 
 @pytest.fixture(scope="session")
 def cli() -> Callable[..., subprocess.CompletedProcess]:
-    """``cli(*args, cwd=ROOT)``: runs ``lightning-immunize ARGS`` in a subprocess (5 min at
-    most) and returns it, stdout and stderr captured as text."""
+    """``cli(*args, cwd=ROOT, timeout=300)``: runs ``lightning-immunize ARGS`` in a subprocess
+    and returns it, stdout and stderr captured as text (:func:`support.helpers.run_cli`)."""
+    return run_cli
 
-    def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "lightning_immunize.cli", *args],
-            cwd=cwd,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
 
-    return run
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A digits fit of 5 epochs, in this process: its run folder (one per test module)."""
+    return fit_digits(tmp_path_factory.mktemp("digits"), 5)
+
+
+@pytest.fixture(scope="module")
+def digits_cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A digits fit of 2 epochs, run as a user runs it (a subprocess): its run folder and the
+    finished process (one per test module)."""
+    root = tmp_path_factory.mktemp("digits")
+    out = run_fit("digits", root, "--trainer.max_epochs", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "lightning_logs" / "version_0", out

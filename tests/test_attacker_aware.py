@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from support.helpers import linear_module as shared_linear_module
 from torch.utils.data import TensorDataset
 
 from lightning_immunize.datamodules import PairedDataModule
@@ -37,16 +39,11 @@ F64 = torch.float64
 D, K, CLASSES, B = 5, 4, 3, 10
 
 
-def linear_module(objective, task: str = "multiclass") -> ImmunizationModule:
-    torch.manual_seed(0)
-    outputs = CLASSES if task == "multiclass" else 1
-    module = ImmunizationModule(
-        LinearExtractor(D, K, seed=0, dtype=F64),
-        LinearHead(K, outputs, task).double(),
-        objective,
-    )
-    module.manual_backward = lambda loss: loss.backward()
-    return module
+# The module's own optimizer; weights drawn in float64; training_step without a Trainer.
+linear_module = partial(
+    shared_linear_module, d=D, k=K, task="multiclass", classes=CLASSES, lr=None,
+    float64_init=True, backward_outside_trainer=True,
+)  # fmt: skip
 
 
 def linear_batch(task: str = "multiclass", seed: int = 1, b: int = B):
@@ -163,7 +160,7 @@ def zero_step_total(module, objective, batch, weight, task):
 @pytest.mark.parametrize(("method", "kind", "task"), ZERO_STEP_CASES)
 def test_zero_steps_is_the_outer_loss_on_unadapted_features(method, kind, task):
     objective = zero_step_objective(method, kind)
-    module = linear_module(objective, task)
+    module = linear_module(objective, task=task)
     batch = linear_batch(task)
     out = objective.backward(module, batch)
     weight = module.extractor.linear.weight

@@ -16,9 +16,8 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from support.helpers import fit
 
-from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import OBJECTIVES, ConditionNumberObjective, make_objective
@@ -53,26 +52,8 @@ def build_module(objective, d: int, k: int, optimizer=None) -> ImmunizationModul
     )
 
 
-def fit(module: ImmunizationModule, data, batch_size: int, steps: int, callbacks=()) -> None:
-    dm = PairedDataModule(
-        TensorDataset(*data["pretrain"]),
-        TensorDataset(*data["harmful"]),
-        batch_size=batch_size,
-        shuffle=False,
-        task="multiclass",
-        num_classes=CLASSES,
-    )
-    trainer = pl.Trainer(
-        max_steps=steps,
-        precision="64-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=list(callbacks),
-    )
-    trainer.fit(module, dm)
+# Every fit here: float64, and labels of CLASSES classes.
+FIT_ARGS = {"precision": "64-true", "data_kwargs": {"task": "multiclass", "num_classes": CLASSES}}
 
 
 def params(module: ImmunizationModule) -> dict[str, torch.Tensor]:
@@ -107,7 +88,7 @@ def test_rmax_only_trains_exactly_like_ours_with_lambda_p_zero(mode):
     start = params(modules["rmax_only"])
     assert all(torch.equal(start[n], v) for n, v in params(modules["ours, λ_P = 1"]).items())
     for module in modules.values():
-        fit(module, data, batch_size=16, steps=4)
+        fit(module, data, batch_size=16, steps=4, **FIT_ARGS)
     rmax, ours0, ours1 = (params(m) for m in modules.values())
     moved = max(float((rmax[n] - start[n]).abs().max()) for n in start)
     assert moved > 1e-3  # the steps did something
@@ -214,7 +195,7 @@ def test_opt_step_in_a_fit_applies_that_gradient():
     want, _, _ = expected_opt_gradients(module, batch, lam)
     start = params(module)
     recorder = GradRecorder()
-    fit(module, data, batch_size=16, steps=1, callbacks=[recorder])
+    fit(module, data, batch_size=16, steps=1, callbacks=[recorder], **FIT_ARGS)
     assert len(recorder.grads) == 1
     end = params(module)
     for name in want:

@@ -53,7 +53,7 @@ def test_probing_study_identity_extractor_changes_nothing():
     study = probing_study(extractor, data, attackers=["gd_exact", "gd_fixed"], steps=20)
     for row in study.rows():
         assert row["progress_ratio"] == pytest.approx(1.0, rel=1e-6)
-    with pytest.raises(ValueError, match="unknown attacker"):
+    with pytest.raises(ValueError, match="unknown probing attacker"):
         ProbingCallback(attackers=["newton"])
 
 
@@ -101,3 +101,13 @@ def test_deep_report_uses_groups_against_theta_0():
     report = immunization_report(module, data, reference_extractor=extractor, group_size=30)
     assert report["rir"] == 1.0 and report["ratio_harmful_std"] == 0.0
     assert report["group_size"] == 30 and report["num_groups"] == 20
+
+
+def test_two_immunization_reports_keep_their_own_state_and_old_checkpoints_still_load():
+    from lightning_immunize.callbacks import ImmunizationReport
+
+    train, val = ImmunizationReport(split="train"), ImmunizationReport(split="val")
+    assert train.state_key != val.state_key
+    # The default report reads checkpoints written before the key: their state is under
+    # the class name.
+    assert train.state_key == "ImmunizationReport"

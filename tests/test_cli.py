@@ -1,4 +1,5 @@
-"""The `lightning-immunize` CLI end to end on digits, export/reload and checkpoint reload."""
+"""The `lightning-immunize` CLI end to end on digits and checkpoint reload (export and reload:
+test_export.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
 
 from lightning_immunize.cli import main
 from lightning_immunize.datamodules import DigitsPairDataModule
 from lightning_immunize.evaluation.report import immunization_report
-from lightning_immunize.export import load_checkpoint, load_exported
 from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import ConditionNumberObjective
@@ -35,26 +33,6 @@ REPORT_KEYS = {
     "task_metric",
     "seconds",
 }
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "digits.yaml"),
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.max_epochs",
-            "5",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
-    (run,) = (root / "lightning_logs").iterdir()
-    return run
 
 
 def test_fit_writes_immunization_json(digits_run: Path):
@@ -81,40 +59,6 @@ def test_checkpoint_reload_gives_same_rir(digits_run: Path):
     )
     again = immunization_report(module, DigitsPairDataModule(0, 1))
     assert again["rir"] == pytest.approx(report["rir"], rel=1e-9)
-
-
-def test_export_and_reload(digits_run: Path, tmp_path: Path, capsys):
-    ckpt = digits_run / "checkpoints" / "last.ckpt"
-    out = tmp_path / "immunized.safetensors"
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
-    with safe_open(str(out), framework="pt") as f:
-        meta = f.metadata()
-        assert list(f.keys()) == ["linear.weight"]
-    report = json.loads((digits_run / "immunization.json").read_text())
-    assert meta["method"] == "ours" and float(meta["lambda_harmful"]) == 1000.0
-    assert float(meta["rir"]) == pytest.approx(report["rir"])
-    assert "library_version" in meta
-    assert json.loads(meta["data_fingerprint"]) == report["data_fingerprint"]
-    assert len(report["data_fingerprint"]["harmful"]) == 16
-    extractor = LinearExtractor(64, 64)
-    load_exported(out, extractor)
-    state = load_checkpoint(ckpt)["state_dict"]
-    assert torch.equal(extractor.linear.weight, state["extractor.linear.weight"].float())
-    with pytest.raises(ValueError, match=r"linear.weight: file \(64, 64\) vs model \(32, 64\)"):
-        load_exported(out, LinearExtractor(64, 32))
-
-
-def test_export_errors(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        main(
-            [
-                "export",
-                "--ckpt",
-                str(tmp_path / "none.ckpt"),
-                "--out",
-                str(tmp_path / "x.safetensors"),
-            ]
-        )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

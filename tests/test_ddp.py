@@ -14,10 +14,10 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from support.helpers import fit
 from torch.utils.data import TensorDataset
 
 from lightning_immunize.callbacks.report import ImmunizationReport
-from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead, TimmBackbone
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import ConditionNumberObjective
@@ -81,21 +81,20 @@ def timm_case():
     return module, data
 
 
-def fit(module, data, batch_size, tmp_path, **trainer_kwargs):
-    dm = PairedDataModule(data[0], data[1], batch_size=batch_size, shuffle=False)
-    trainer = pl.Trainer(
-        max_steps=STEPS,
+def fit_with_report(module, data, batch_size, tmp_path, **trainer_kwargs) -> dict:
+    """``fit`` in float64 with a CSV logger and the immunization report in ``tmp_path``: the
+    report."""
+    fit(
+        module,
+        data,
+        STEPS,
+        batch_size,
         precision="64-true",
-        accelerator="cpu",
         default_root_dir=tmp_path,
         logger=pl.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[ImmunizationReport(dirpath=str(tmp_path), group_size=16, num_groups=4)],
         **trainer_kwargs,
     )
-    trainer.fit(module, dm)
     return json.loads((tmp_path / "immunization.json").read_text())
 
 
@@ -106,8 +105,8 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(case, tmp_path):
     module = module.double()  # the main process receives rank 0's float64 weights
     single = copy.deepcopy(module)
     initial = copy.deepcopy(module.state_dict())
-    report_single = fit(single, data, 2 * B, tmp_path / "single", devices=1)
-    report_ddp = fit(module, data, B, tmp_path / "ddp", devices=2, strategy="ddp_spawn")
+    report_single = fit_with_report(single, data, 2 * B, tmp_path / "single", devices=1)
+    report_ddp = fit_with_report(module, data, B, tmp_path / "ddp", devices=2, strategy="ddp_spawn")
     moved = 0.0
     for (name, p_single), (_, p_ddp) in zip(
         single.state_dict().items(), module.state_dict().items(), strict=True

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.helpers import run_cli, run_fit
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORT = Path(__file__).resolve().parent / "support"
-
-
-def _cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)])}
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_immunize.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _house_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -36,15 +22,9 @@ def _house_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
             }
         ]
     )
-    return _cli(
-        "fit",
-        "--config", str(ROOT / "configs" / "house_prices.yaml"),
-        "--trainer.max_epochs", "6",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.callbacks", final,
-        *extra,
-    )  # fmt: skip
+    return run_fit(
+        "house_prices", root, "--trainer.max_epochs", "6", "--trainer.callbacks", final, *extra
+    )
 
 
 # Ctrl-C then --ckpt_path last resuming in the same run folder: test_interruption.py, which
@@ -66,41 +46,28 @@ def test_every_epoch_end_writes_last_ckpt_even_without_validation(tmp_path):
 
 
 # --------------------------------------------------------------------------- run folders
+# digits_cli_run (a 2-epoch digits fit in a subprocess): conftest.py. `export RUN` without
+# --out writing inside the run folder: test_export.py.
 
 
 def _digits_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _cli(
-        "fit",
-        "--config", str(ROOT / "configs" / "digits.yaml"),
-        "--trainer.max_epochs", "2",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(root),
-        *extra,
-    )  # fmt: skip
+    return run_fit("digits", root, "--trainer.max_epochs", "2", *extra)
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    root = tmp_path_factory.mktemp("digits")
-    out = _digits_fit(root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root / "lightning_logs" / "version_0", out
-
-
-def test_fit_on_digits_prints_no_warning_our_configs_cause(digits_run):
-    _, out = digits_run
+def test_fit_on_digits_prints_no_warning_our_configs_cause(digits_cli_run):
+    _, out = digits_cli_run
     text = out.stdout + out.stderr
     assert "Warning" not in text and "warn" not in text.lower(), text
     assert "Tip:" not in text and "log_every_n_steps" not in text
 
 
-def test_evaluate_and_export_take_a_run_folder(digits_run, tmp_path):
-    run, _ = digits_run
-    out = _cli("evaluate", str(run), "--out", str(tmp_path / "ev"), "--steps", "20",
-               "--attackers", "gd_exact")  # fmt: skip
+def test_evaluate_and_export_take_a_run_folder(digits_cli_run, tmp_path):
+    run, _ = digits_cli_run
+    out = run_cli("evaluate", str(run), "--out", str(tmp_path / "ev"), "--steps", "20",
+                  "--attackers", "gd_exact")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "ev" / "report.md").is_file()
-    exported = _cli("export", str(run), "--out", str(tmp_path / "m.safetensors"))
+    exported = run_cli("export", str(run), "--out", str(tmp_path / "m.safetensors"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "partial=False" in exported.stdout and "rir=" in exported.stdout
 
@@ -114,11 +81,11 @@ def test_evaluate_with_another_datas_config_is_refused_naming_both_fingerprints(
     args = ["evaluate", "--config", str(ROOT / "configs" / "digits.yaml"),
             "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "ev"),
             "--steps", "20", "--attackers", "gd_exact"]  # fmt: skip
-    refused = _cli(*args)
+    refused = run_cli(*args)
     assert refused.returncode == 2
     assert recorded["harmful"] in refused.stderr and "--allow-data-mismatch" in refused.stderr
     assert not (tmp_path / "ev").exists()  # refused before any work
-    allowed = _cli(*args, "--allow-data-mismatch")
+    allowed = run_cli(*args, "--allow-data-mismatch")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
 
 
@@ -134,7 +101,7 @@ def test_a_fit_with_no_step_says_so_in_its_report(tmp_path):
 
 
 def test_top_level_help_lists_every_subcommand():
-    out = _cli("--help")
+    out = run_cli("--help")
     assert out.returncode == 0
     listed = {ln.split()[0].rstrip(",") for ln in out.stdout.splitlines() if ln.startswith("  ")}
     listed |= {"test"} if "  validate, test " in out.stdout else set()
@@ -155,8 +122,8 @@ def test_our_errors_are_one_line_with_exit_status_2_and_debug_keeps_the_tracebac
 
 def test_reproduce_writes_the_command_actually_run(tmp_path):
     out_dir = tmp_path / "sweep"
-    out = _cli("reproduce", "house-prices", "--out", str(out_dir), "--methods", "reference",
-               "--seeds", "1", "--no-progress")  # fmt: skip
+    out = run_cli("reproduce", "house-prices", "--out", str(out_dir), "--methods", "reference",
+                  "--seeds", "1", "--no-progress")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     table = (out_dir / "table.md").read_text()
     expected = (f"lightning-immunize reproduce house-prices --out {out_dir} --methods reference "
@@ -214,19 +181,11 @@ def test_nothing_users_read_cites_the_internal_spec(tmp_path):
     assert not cited
 
 
-def test_export_without_out_writes_inside_the_run_folder(digits_run):
-    run, _ = digits_run
-    out = _cli("export", str(run))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (run / "immunized.safetensors").is_file()
-    assert str(run / "immunized.safetensors") in out.stdout
-
-
 def test_reproduce_runs_from_any_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = _cli("reproduce", "house-prices", "--out", "sweep", "--methods", "reference",
-               "--seeds", "1", "--no-progress", cwd=elsewhere)  # fmt: skip
+    out = run_cli("reproduce", "house-prices", "--out", "sweep", "--methods", "reference",
+                  "--seeds", "1", "--no-progress", cwd=elsewhere)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert (elsewhere / "sweep" / "runs.csv").is_file()
     assert "--out sweep" in (elsewhere / "sweep" / "table.md").read_text()

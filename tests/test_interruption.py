@@ -10,48 +10,28 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from support.helpers import cli_command, cli_env, fit_args, fit_digits, run_fit
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORT = Path(__file__).resolve().parent / "support"
 RUN = Path("lightning_logs")
 
 
-def _args(root: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "lightning_immunize.cli", "fit",
-        "--config", str(ROOT / "configs" / "house_prices.yaml"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(root),
-        *extra,
-    ]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)])}
-
-
-def _fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _args(root, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
-    )
-
-
 def _fit_here(root: Path, *extra: str) -> None:
-    """The same fit in this process (no Python start-up; exceptions as they are)."""
+    """The house-prices fit of ``run_fit`` in this process (no Python start-up; exceptions
+    as they are)."""
     import warnings
 
     from lightning_immunize.cli import main
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(_args(root, *extra)[3:]) == 0
+        assert main(fit_args("house_prices", root, *extra)) == 0
     assert not [w for w in caught if "weights_only" in str(w.message)]
 
 
@@ -94,8 +74,8 @@ def test_a_stop_at_a_random_moment_resumes_to_the_uninterrupted_weights(
     seed = random.randrange(10**6)
     delay = random.Random(seed).uniform(0.0, 1.2)
     proc = subprocess.Popen(
-        _args(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        cli_command(*fit_args("house_prices", tmp_path)), cwd=ROOT, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     run = tmp_path / RUN / "version_0"
     deadline = time.monotonic() + 120
@@ -145,7 +125,7 @@ def test_sigkill_and_stops_then_ckpt_path_last_resume_the_killed_run_never_the_f
     done = tmp_path / RUN / "version_0"
     before = {p.name: p.read_bytes() for p in done.rglob("*") if p.is_file()}
 
-    killed = _fit(tmp_path, "--trainer.callbacks+", _stop_at(50, "KillAtStep"))
+    killed = run_fit("house_prices", tmp_path, "--trainer.callbacks+", _stop_at(50, "KillAtStep"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / RUN / "version_1"
     # Written after the last batch of the last epoch before the kill (3 batches an epoch).
@@ -155,7 +135,9 @@ def test_sigkill_and_stops_then_ckpt_path_last_resume_the_killed_run_never_the_f
     # stop), and at step 100, mid-epoch in a run resumed from an epoch's end (where Lightning
     # 2.6 alone would resume a batch off).
     for step in (90, 100):
-        stopped = _fit(tmp_path, "--ckpt_path", "last", "--trainer.callbacks+", _stop_at(step))
+        stopped = run_fit(
+            "house_prices", tmp_path, "--ckpt_path", "last", "--trainer.callbacks+", _stop_at(step)
+        )
         assert stopped.returncode == 130, stopped.stderr[-3000:]
         assert f"resuming the unfinished run {run}" in stopped.stderr
         assert f"at step {step}." in stopped.stderr
@@ -209,13 +191,8 @@ def test_last_ckpt_is_on_disk_at_every_epoch_end_during_the_fit(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
-    from lightning_immunize.cli import main
-
-    root = tmp_path_factory.mktemp("digits")
-    main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
-          "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(root)])  # fmt: skip
-    return root / RUN / "version_0"
+    """A digits fit of 2 epochs, this file's own (its tests add a checkpoint to it)."""
+    return fit_digits(tmp_path_factory.mktemp("digits"), 2)
 
 
 @pytest.mark.parametrize("command", ["export", "evaluate", "attack"])

@@ -86,7 +86,7 @@ def test_ridge_solve_matches_dense_solve_and_validates():
         ridge_solve(sigma, grad, 0.0)
     with pytest.raises(ValueError, match=r"\(6, 6\).*\(5, 3\)"):
         ridge_solve(sigma, grad[:5], 1e-2)
-    with pytest.raises(ValueError, match="Unknown preconditioner mode 'inverse'"):
+    with pytest.raises(ValueError, match="unknown preconditioner mode 'inverse'"):
         preconditioned_gradient(torch.eye(2), torch.eye(2), torch.eye(2), mode="inverse")
 
 

@@ -291,7 +291,10 @@ yg = torch.randn(10, dtype=F64)
         (lambda: gd_fixed_step(Zg, yg, steps=0), r"steps must be an integer >= 1, got 0"),
         (lambda: adam_probe(Zg, yg, tol=0.0), r"tol must be a finite value > 0, got 0.0"),
         (lambda: lbfgs_probe(Zg, yg, tol=-1.0), r"tol must be .* got -1.0"),
-        (lambda: run_attackers(Zg, yg, names=["sgd"]), r"unknown attacker.*'sgd'.*valid names"),
+        (
+            lambda: run_attackers(Zg, yg, names=["sgd"]),
+            r"unknown probing attacker.*'sgd'.*expected one of",
+        ),
         (
             lambda: closed_form_probe(Zg.clone().index_fill_(0, torch.tensor([0]), math.nan), yg),
             r"non-finite Z \(NaN or inf",

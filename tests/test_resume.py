@@ -4,22 +4,20 @@ checkpoint ends where the uninterrupted fit ends (float64, CPU, deterministic)."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.helpers import run_fit
 
 from lightning_immunize.evaluation.report import REPORT_NAME
 
-ROOT = Path(__file__).resolve().parents[1]
-SUPPORT = Path(__file__).resolve().parent / "support"
 
-
-def _fit(run_dir: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
+def _checkpointed_fit(
+    run_dir: Path, *extra: str, resume: bool = False
+) -> subprocess.CompletedProcess:
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -36,30 +34,25 @@ def _fit(run_dir: Path, *extra: str, resume: bool = False) -> subprocess.Complet
         },
     ]
     args = [
-        sys.executable, "-m", "lightning_immunize.cli", "fit",
-        "--config", str(ROOT / "configs" / "digits.yaml"),
         "--trainer.max_epochs", "3",
         "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(run_dir),
         "--trainer.callbacks", json.dumps(callbacks),
         "--data.init_args.batch_size", "16",
         *extra,
     ]  # fmt: skip
     if resume:
         args += ["--ckpt_path", str(run_dir / "ckpt" / "last.ckpt")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)])}
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_fit("digits", run_dir, *args)
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    full = _fit(tmp_path / "full")
+    full = _checkpointed_fit(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
     kill = json.dumps([{"class_path": "fault_callbacks.KillAtStep", "init_args": {"step": 17}}])
-    killed = _fit(killed_dir, "--trainer.callbacks+", kill)
+    killed = _checkpointed_fit(killed_dir, "--trainer.callbacks+", kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (killed_dir / "final.pt").exists()
     ckpt = torch.load(killed_dir / "ckpt" / "last.ckpt", weights_only=True)
@@ -67,7 +60,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     # The last checkpoint is mid-epoch: step 14 = batch 2 of epoch 1 (12 batches an epoch).
     assert ckpt["global_step"] == 14 and progress["processed"] == 2
 
-    resumed = _fit(killed_dir, resume=True)
+    resumed = _checkpointed_fit(killed_dir, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)

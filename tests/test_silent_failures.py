@@ -15,14 +15,12 @@ import math
 import warnings
 from functools import partial
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from support.helpers import fit
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from lightning_immunize.conditioning import feature_r_max, feature_r_min
-from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import LinearExtractor, LinearHead
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import (
@@ -45,21 +43,6 @@ from lightning_immunize.probing import (
 )
 
 F64 = torch.float64
-
-
-def fit(module: ImmunizationModule, batch, steps: int) -> pl.Trainer:
-    data = TensorDataset(*batch["pretrain"]), TensorDataset(*batch["harmful"])
-    dm = PairedDataModule(data[0], data[1], batch_size=len(data[0]), shuffle=False)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(module, dm)
-    return trainer
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

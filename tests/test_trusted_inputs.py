@@ -102,9 +102,9 @@ def _refused(*argv: str) -> str:
 
 
 def _error_line(error: BaseException) -> str:
-    from lightning_immunize.cli import _error_line
+    from lightning_immunize.cli import error_line
 
-    return _error_line(error)
+    return error_line(error)
 
 
 @pytest.mark.parametrize(

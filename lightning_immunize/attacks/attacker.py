@@ -25,6 +25,7 @@ from lightning_immunize.attacks.families.base import (
     get_family,
 )
 from lightning_immunize.models import LinearHead
+from lightning_immunize.validation import unknown_choice
 
 __all__ = [
     "OPTIMIZERS", "step_marks", "AttackData", "Attacker", "AttackResult", "mean_score",
@@ -79,7 +80,7 @@ class AttackData:
 
     def __post_init__(self) -> None:
         if self.task not in LinearHead.TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {LinearHead.TASKS}")
+            raise unknown_choice("task", self.task, LinearHead.TASKS)
         for split, x, y in (
             ("train", self.train_x, self.train_y),
             ("eval", self.eval_x, self.eval_y),
@@ -160,17 +161,15 @@ class Attacker:
     def __post_init__(self) -> None:
         check_family(self.family)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+            raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+            raise unknown_choice("schedule", self.schedule, SCHEDULES)
         if self.batchnorm not in BATCHNORM_CHOICES:
-            raise ValueError(
-                f"unknown batchnorm choice {self.batchnorm!r}; expected one of {BATCHNORM_CHOICES}"
-            )
+            raise unknown_choice("batchnorm choice", self.batchnorm, BATCHNORM_CHOICES)
         if isinstance(self.batch_size, bool) or not int(self.batch_size) >= 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         step_marks(self.horizon)

@@ -14,6 +14,7 @@ from lightning_immunize.attacks.families import (
     SCHEDULES,
     check_family,
 )
+from lightning_immunize.validation import unknown_choice
 
 DEFAULT_BUDGETS = Path(__file__).resolve().parents[2] / "configs" / "attack.yaml"
 CONDITIONS = ("resistance", "generalization", "trainability")
@@ -172,7 +173,7 @@ def _check_keys(raw: Any, allowed: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: expected a mapping, got {raw!r}")
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {list(allowed)}")
+        raise unknown_choice(f"key in {where}:", unknown, allowed)
 
 
 def _pair(value: Any, where: str) -> tuple[float, float]:
@@ -252,5 +253,6 @@ def load_budget(name: str, path: str | Path = DEFAULT_BUDGETS) -> Budget:
     """The budget ``name`` of a budgets file; ``ValueError`` naming the known ones otherwise."""
     budgets = load_budgets(path)
     if name not in budgets:
-        raise ValueError(f"unknown attack budget {name!r}; {path} defines {sorted(budgets)}")
+        error = str(unknown_choice("attack budget", name, sorted(budgets)))
+        raise ValueError(f"{error[:-1]} (the budgets of {path}).")
     return budgets[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_immunize.attacks.card import CARD_MODELS, model_label
-from lightning_immunize.evaluation.plots import _pyplot, _save
+from lightning_immunize.evaluation.plots import pyplot, save_figure
 
 COLORS = {
     "immunized": "tab:red",
@@ -27,7 +27,7 @@ def plot_effort(
     panels = [(b, f, e) for b, fams in card.get(condition, {}).items() for f, e in fams.items()]
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     budgets = list(dict.fromkeys(b for b, _, _ in panels))
     families = list(dict.fromkeys(f for _, f, _ in panels))
     fig, axes = plt.subplots(
@@ -66,7 +66,7 @@ def plot_effort(
     for row in axes:
         row[0].set_ylabel(f"worst-case {metric}")
     _legend(fig, axes)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
 
 
 def _legend(fig, axes) -> None:
@@ -101,7 +101,7 @@ def plot_search(
         series[key][(row["model"], str(row["data_budget"]))].append((value, pruned))
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(len(series), 5)
     nrows = -(-len(series) // cols)
     fig, axes = plt.subplots(nrows, cols, squeeze=False, figsize=(3.2 * cols, 2.8 * nrows))
@@ -132,4 +132,4 @@ def plot_search(
     for row in axes:
         row[0].set_ylabel("best-so-far A (selection)")
     _legend(fig, axes)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)

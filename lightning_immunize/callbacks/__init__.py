@@ -19,6 +19,7 @@ _EXPORTS = {
     "ConditionNumberMonitor": "monitor",
     "ProbingCallback": "probing",
     "PretrainFromScratch": "pretrain",
+    "Theta0Setup": "theta0",
     "LastCheckpoint": "last_checkpoint",
     "DurabilityCard": "durability",
 }

@@ -19,6 +19,7 @@ from lightning_immunize.callbacks.reference import ReferenceKeeper
 from lightning_immunize.evaluation.study import ProbingStudy, probing_study
 from lightning_immunize.models import evaluating
 from lightning_immunize.probing import ATTACKERS
+from lightning_immunize.validation import unknown_choice
 
 __all__ = ["ProbingCallback"]
 
@@ -46,7 +47,7 @@ class ProbingCallback(ReferenceKeeper):
     ) -> None:
         unknown = [a for a in attackers or () if a not in ATTACKERS]
         if unknown:
-            raise ValueError(f"unknown attacker(s) {unknown}; valid: {sorted(ATTACKERS)}")
+            raise unknown_choice("probing attacker", unknown, sorted(ATTACKERS))
         self.attackers = list(attackers) if attackers else None
         self.steps, self.tol, self.split, self.dirpath = steps, tol, split, dirpath
         self.reference = None

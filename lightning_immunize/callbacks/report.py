@@ -58,6 +58,19 @@ class ImmunizationReport(ReferenceKeeper):
         self.reference = None
         self.report: dict[str, Any] | None = None
 
+    @property
+    def state_key(self) -> str:
+        # Two reports in one trainer (another split, another folder) keep their own state.
+        # The default report keeps the class name, the key of checkpoints written before.
+        if (self.dirpath, self.split, self.num_groups, self.group_size) == (None, "train", 20, 100):
+            return type(self).__qualname__
+        return self._generate_state_key(
+            dirpath=self.dirpath,
+            split=self.split,
+            num_groups=self.num_groups,
+            group_size=self.group_size,
+        )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and not self._before:

@@ -49,11 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna storage URL shared by several machines (default: SQLite in --out)",
     )
     parser.add_argument(
-        "--allow-data-mismatch",
-        action="store_true",
-        help="attack on data whose fingerprint differs from the run's training data",
-    )
-    parser.add_argument(
         "--control",
         default=None,
         help="run folder (or checkpoint) of the control: the same config fitted with every "

@@ -31,11 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--attackers", default=None, help="comma-separated probing attackers (default: all)"
     )
-    parser.add_argument(
-        "--allow-data-mismatch",
-        action="store_true",
-        help="measure on data whose fingerprint differs from the run's training data",
-    )
     return parser
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from lightning_immunize.sides import DISPLAY_SIDES
+from lightning_immunize.validation import unknown_choice
 
 __all__ = [
     "PROTOCOLS",
@@ -105,7 +106,7 @@ def load_protocols(path: str | Path = DEFAULT_SPEC) -> dict[str, Any]:
     spec = yaml.safe_load(path.read_text())
     unknown = sorted(set(spec) - set(PROTOCOLS))
     if unknown:
-        raise ValueError(f"{path}: unknown protocol(s) {unknown}; expected {list(PROTOCOLS)}.")
+        raise unknown_choice(f"protocol in {path}:", unknown, PROTOCOLS)
     for protocol in spec.values():
         methods = protocol.get("methods") or {}
         for old, new in LEGACY_METHODS.items():
@@ -313,7 +314,7 @@ def run_sweep(
     regenerate it (default: the ``lightning-immunize reproduce`` line of these arguments).
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}.")
+        raise unknown_choice("protocol", protocol, PROTOCOLS)
     spec = load_protocols(spec_path)[protocol]
     methods = list(methods or spec.get("default_methods") or protocol_methods(spec))
     seeds = list(seeds or spec.get("seeds", [1]))

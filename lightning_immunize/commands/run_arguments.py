@@ -1,5 +1,5 @@
 """The run-folder arguments of ``evaluate`` and ``attack``: a run folder, or ``--config`` and
-``--ckpt`` (each overriding the run's own)."""
+``--ckpt`` (each overriding the run's own), and whether other data than the run's may be used."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ __all__ = ["add_run_arguments", "resolve_run_arguments"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``run``, ``--config`` and ``--ckpt`` to ``parser``."""
+    """Add ``run``, ``--config``, ``--ckpt`` and ``--allow-data-mismatch`` to ``parser``."""
     parser.add_argument(
         "run",
         nargs="?",
@@ -17,6 +17,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="a YAML config instead of the run's own")
     parser.add_argument("--ckpt", help="a checkpoint instead of the run's last one")
+    parser.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="measure on data whose fingerprint differs from the run's training data",
+    )
 
 
 def resolve_run_arguments(

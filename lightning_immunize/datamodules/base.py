@@ -46,6 +46,7 @@ from torch.utils.data import (
 
 from lightning_immunize.distributed import world_size
 from lightning_immunize.sides import SIDES
+from lightning_immunize.validation import unknown_choice
 
 from .resumable import ResumableDataLoader, SkippingBatchSampler
 
@@ -185,13 +186,11 @@ class PairedDataModule(LightningDataModule):
                 f"samples per side), got {batch_size!r}"
             )
         if mode not in TRAIN_MODES:
-            raise ValueError(f"unknown training mode {mode!r}; valid modes: {list(TRAIN_MODES)}")
+            raise unknown_choice("training mode", mode, TRAIN_MODES)
         if eval_mode not in EVAL_MODES:
-            raise ValueError(
-                f"unknown evaluation mode {eval_mode!r}; valid modes: {list(EVAL_MODES)}"
-            )
+            raise unknown_choice("evaluation mode", eval_mode, EVAL_MODES)
         if task is not None and task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
+            raise unknown_choice("task", task, TASKS)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if seed is not None:
@@ -323,7 +322,7 @@ class PairedDataModule(LightningDataModule):
     @task.setter
     def task(self, value: str) -> None:
         if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; valid tasks: {list(TASKS)}")
+            raise unknown_choice("task", value, TASKS)
         self._task = value
 
     @property
@@ -479,7 +478,7 @@ class PairedDataModule(LightningDataModule):
             ValueError: unknown split, or the split lacks a pretrain or harmful dataset.
         """
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+            raise unknown_choice("split", split, SPLITS)
         self._ensure_built()
         p, h = self._split_datasets(split)
         missing = [side for side, ds in zip(SIDES, (p, h), strict=True) if ds is None]

@@ -37,6 +37,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import TensorDataset
 
+from lightning_immunize.validation import unknown_choice
+
 from .base import PairedDataModule
 
 __all__ = ["HousePricesDataModule", "check_cells", "check_target", "encode_and_standardize"]
@@ -234,9 +236,7 @@ class HousePricesDataModule(PairedDataModule):
         if val_rows is not None and val_rows < 0:
             raise ValueError(f"val_rows must be >= 0 or None, got {val_rows}")
         if standardize_on not in STANDARDIZE_ON:
-            raise ValueError(
-                f"unknown standardize_on {standardize_on!r}; valid: {list(STANDARDIZE_ON)}"
-            )
+            raise unknown_choice("standardize_on", standardize_on, STANDARDIZE_ON)
         self.csv_path = Path(csv_path)
         self.train_rows = train_rows
         self.val_rows = val_rows

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from lightning_immunize.validation import unknown_choice
+
 from .base import PairedDataModule
 from .digits import MNIST_MEAN, MNIST_STD, DigitsPairDataModule, check_digit
 
@@ -126,7 +128,7 @@ def load_mnist_idx(root: str | Path, split: str = "test") -> tuple[Tensor, Tenso
         FileNotFoundError: files absent (the message lists every path looked for).
     """
     if split not in MNIST_SPLITS:
-        raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(MNIST_SPLITS)}")
+        raise unknown_choice("MNIST split", split, MNIST_SPLITS)
     root = Path(root)
     parts = ("train", "test") if split == "all" else (split,)
     images: list[Tensor] = []
@@ -195,7 +197,7 @@ class MNISTPairDataModule(DigitsPairDataModule):
         drop_last: bool = False,
     ) -> None:
         if split not in MNIST_SPLITS:
-            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(MNIST_SPLITS)}")
+            raise unknown_choice("MNIST split", split, MNIST_SPLITS)
         super().__init__(
             pretrain_digit=pretrain_digit,
             harmful_digit=harmful_digit,
@@ -288,7 +290,7 @@ class MNISTHalvesDataModule(PairedDataModule):
         drop_last: bool = False,
     ) -> None:
         if split not in MNIST_SPLITS:
-            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(MNIST_SPLITS)}")
+            raise unknown_choice("MNIST split", split, MNIST_SPLITS)
         p_digits = _check_digit_group(pretrain_digits, "pretrain_digits")
         h_digits = _check_digit_group(harmful_digits, "harmful_digits")
         shared = sorted(set(p_digits) & set(h_digits))

@@ -2,7 +2,7 @@
 probe accuracy per epoch (Fig. 3) and the RIR heat-maps of the digit pairs (Fig. 2).
 
 matplotlib is imported lazily with the non-interactive Agg backend (one set-up,
-:func:`_pyplot`), so plotting works on a machine without a display and costs nothing until a
+:func:`pyplot`), so plotting works on a machine without a display and costs nothing until a
 figure is drawn; every figure is written by :func:`_save`.
 """
 
@@ -44,7 +44,7 @@ ATTACKER_TITLES = {
 }
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +76,7 @@ def plot_norm_ratio(
 ) -> Path:
     """Two panels (D_H, D_P): the attacker's norm-ratio curve for the reference and the
     immunized extractor. Returns the PNG's path."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, side in zip(axes, DISPLAY_SIDES, strict=True):
         _panel(
@@ -88,14 +88,14 @@ def plot_norm_ratio(
         )
     fig.suptitle("Linear probing on frozen features: the harmful task should converge slower")
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def plot_attackers(
     study: ProbingStudy, path: str | Path, attackers: Sequence[str] | None = None, dpi: int = 100
 ) -> Path:
     """A grid: one row per attacker, columns D_H and D_P."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(attackers or study.attackers)
     fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), squeeze=False)
     for row, name in zip(axes, names, strict=True):
@@ -104,14 +104,14 @@ def plot_attackers(
                 ax, study, side, name, f"{ATTACKER_TITLES.get(name, name)} — {SIDE_TITLES[side]}"
             )
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -131,7 +131,7 @@ def plot_probe_accuracy(
     (``[side][optimizer]``) adds a dotted line at the accuracy the epochs-to-threshold
     figures refer to.
     """
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     methods = list(curves)
     sides = [s for s in SIDE_TITLES if any(s in curves[m] for m in methods)]
@@ -169,7 +169,7 @@ def plot_probe_accuracy(
             ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Linear probe on frozen features: immunized should be slower on D_H only")
     fig.tight_layout()
-    return _save(fig, path, 110)
+    return save_figure(fig, path, 110)
 
 
 #: Colour range of the RIR heat-maps (log scale, symmetric around 1).
@@ -182,7 +182,7 @@ def plot_heatmap(rows: list[dict[str, str]], method: str, path: Path) -> Path | 
     import numpy as np
     from matplotlib.colors import LogNorm
 
-    plt = _pyplot()
+    plt = pyplot()
 
     sel = [r for r in rows if r["method"] == method and r["pretrain"] != ""]
     if not sel:
@@ -216,7 +216,7 @@ def plot_heatmap(rows: list[dict[str, str]], method: str, path: Path) -> Path | 
     ax.set_title(f"{method}: RIR per pair — {int(ok.sum())}/{len(cells)} immunized (✓)")
     fig.colorbar(image, ax=ax, label="RIR (log scale, clipped to [1e-3, 1e3]; > 1 is good)")
     fig.tight_layout()
-    return _save(fig, path, 110)
+    return save_figure(fig, path, 110)
 
 
 def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) -> Path | None:
@@ -224,7 +224,7 @@ def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) ->
     identity (first seed found unless ``seed`` is given)."""
     import torch
 
-    plt = _pyplot()
+    plt = pyplot()
 
     files = sorted(curves_dir.glob("*_seed*.pt"))
     if seed is not None:
@@ -254,4 +254,4 @@ def plot_method_curves(curves_dir: Path, path: Path, seed: int | None = None) ->
         ax.legend(fontsize=8)
     fig.suptitle("Immunized: slower on D_H (higher curves), not slower on D_P")
     fig.tight_layout()
-    return _save(fig, path, 110)
+    return save_figure(fig, path, 110)

@@ -19,6 +19,7 @@ from lightning_immunize.metrics import extract_features
 from lightning_immunize.models import evaluating
 from lightning_immunize.probing import ProbeTrajectory, linear_probe_accuracy, run_attackers
 from lightning_immunize.sides import DISPLAY_SIDES
+from lightning_immunize.validation import unknown_choice
 
 __all__ = [
     "MODELS",
@@ -169,7 +170,7 @@ def probe_accuracy_curves(
     """
     unknown = [o for o in optimizers if o not in PROBE_OPTIMIZERS]
     if unknown:
-        raise ValueError(f"unknown probe optimizer(s) {unknown}; valid: {list(PROBE_OPTIMIZERS)}")
+        raise unknown_choice("probe optimizer", unknown, PROBE_OPTIMIZERS)
     with evaluating(extractor):
         X_P, y_P, X_H, y_H = datamodule.full_tensors("train")
         V_P, w_P, V_H, w_H = datamodule.full_tensors("val")

@@ -64,6 +64,7 @@ from lightning_immunize.objectives.base import (
     check_lambda,
 )
 from lightning_immunize.objectives.ours import ConditionNumberObjective
+from lightning_immunize.validation import unknown_choice
 
 __all__ = [
     "SimulatedAttack",
@@ -194,7 +195,7 @@ def _inner_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.
         return torch.optim.Adam(params, lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    raise ValueError(f"unknown inner optimizer {name!r}; expected one of {INNER_OPTIMIZERS}.")
+    raise unknown_choice("inner optimizer", name, INNER_OPTIMIZERS)
 
 
 def _halves(x: Tensor, y: Tensor, side: str, step: int | str) -> tuple[tuple[Tensor, Tensor], ...]:
@@ -483,7 +484,7 @@ class SimulatedAttackObjective(_AttackerAwareObjective):
             "lambda_pretrain_finetune", lambda_pretrain_finetune
         )
         if outer_loss not in OUTER_LOSSES:
-            raise ValueError(f"Unknown outer_loss {outer_loss!r}; expected one of {OUTER_LOSSES}.")
+            raise unknown_choice("outer_loss", outer_loss, OUTER_LOSSES)
         self.outer_loss = outer_loss
 
     def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:

@@ -43,6 +43,7 @@ from lightning_immunize.preconditioning import (
     deferred_preconditioning,
 )
 from lightning_immunize.sides import SIDES
+from lightning_immunize.validation import unknown_choice
 
 __all__ = ["ConditionNumberObjective", "input_rank", "RANK_RULES", "COVARIANCE_ESTIMATORS"]
 
@@ -56,7 +57,7 @@ RANK_RULES = ("auto", "input", "tolerance")
 
 def check_rank_rule(rule: str) -> None:
     if rule not in RANK_RULES:
-        raise ValueError(f"Unknown rank_rule {rule!r}; expected one of {RANK_RULES}.")
+        raise unknown_choice("rank_rule", rule, RANK_RULES)
 
 
 def input_rank(extractor: nn.Module, x: Tensor, width: int, rule: str = "auto") -> int | None:
@@ -121,10 +122,7 @@ class ConditionNumberObjective(Objective):
     ) -> None:
         self.lambda_pretrain = check_lambda("lambda_pretrain", lambda_pretrain)
         if covariance not in COVARIANCE_ESTIMATORS:
-            raise ValueError(
-                f"Unknown covariance estimator {covariance!r}; expected one of "
-                f"{COVARIANCE_ESTIMATORS}."
-            )
+            raise unknown_choice("covariance estimator", covariance, COVARIANCE_ESTIMATORS)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         self.covariance = covariance

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_immunize.models import LinearExtractor
+from lightning_immunize.validation import unknown_choice
 
 #: Optimizers an attacker may use (SGD with momentum 0.9, or AdamW).
 OPTIMIZERS = ("sgd", "adamw")
@@ -193,9 +194,7 @@ def family_names() -> tuple[str, ...]:
 
 def check_family(family: str) -> None:
     if family not in FAMILY_REGISTRY:
-        raise ValueError(
-            f"unknown attacker family {family!r}; expected one of {list(FAMILY_REGISTRY)}"
-        )
+        raise unknown_choice("attacker family", family, FAMILY_REGISTRY)
 
 
 def get_family(family: str) -> AttackerFamily:
