@@ -369,7 +369,7 @@ WORKER = textwrap.dedent(
     import sys, json
     sys.path.insert(0, {tests!r})
     import torch
-    from test_worst_case_search import _models, _data, _budget
+    from test_attacks_search import _models, _data, _budget
     from lightning_immunize.attacks.durability import durability_card
     from lightning_immunize.attacks.sweep import AttackTasks
     torch.set_num_threads(1)
