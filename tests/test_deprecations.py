@@ -93,6 +93,11 @@ def test_top_level_names_resolve():
         ("lightning_immunize.experiments", "probe_table", "lightning_immunize.evaluation.tables"),
         ("lightning_immunize.module", "ConditionNumberObjective", "lightning_immunize.objectives"),
         ("lightning_immunize.module", "OBJECTIVES", "lightning_immunize.objectives"),
+        (
+            "lightning_immunize.attacks.attacker",
+            "run_attack",
+            "lightning_immunize.attacks.training",
+        ),
     ],
 )
 def test_moved_names_still_import_with_a_warning_naming_the_new_home(old, name, new):

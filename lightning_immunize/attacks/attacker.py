@@ -249,8 +249,16 @@ def per_sample_metric(task: str, output: Tensor, target: Tensor) -> Tensor:
 
 
 def __getattr__(name: str):
-    if name == "run_attack":  # lives in .training (it needs the families); kept importable here
+    if name == "run_attack":  # moved to .training (it needs the families): the old path warns
+        import warnings
+
         from lightning_immunize.attacks.training import run_attack
 
+        warnings.warn(
+            "lightning_immunize.attacks.attacker.run_attack is deprecated: import it from "
+            "lightning_immunize.attacks.training; the old path goes away in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return run_attack
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
