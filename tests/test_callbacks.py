@@ -111,3 +111,17 @@ def test_two_immunization_reports_keep_their_own_state_and_old_checkpoints_still
     # The default report reads checkpoints written before the key: their state is under
     # the class name.
     assert train.state_key == "ImmunizationReport"
+
+
+def test_durability_card_logs_the_interval_of_advantage_removed():
+    from lightning_immunize.callbacks import DurabilityCard
+
+    card = {"resistance": {"128": {
+        "probe": {"immunized": {"mean": 0.6}, "reference": {"mean": 0.7},
+                  "advantage_removed": 0.15, "advantage_removed_interval": [0.09, 0.22]},
+        "lora": {"immunized": {"mean": 0.6}, "advantage_removed": None},
+    }}}  # fmt: skip
+    logged = DurabilityCard.figures(card)
+    assert logged["attack/probe/n=128/advantage_removed_low"] == 0.09
+    assert logged["attack/probe/n=128/advantage_removed_high"] == 0.22
+    assert not any(k.startswith("attack/lora/n=128/advantage_removed") for k in logged)

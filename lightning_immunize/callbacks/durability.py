@@ -21,8 +21,9 @@ __all__ = ["DurabilityCard"]
 class DurabilityCard(ReferenceKeeper):
     """Runs a durability budget on the trained model when the last training epoch ends and
     logs its worst-case figures: per resistance data budget ``n`` and attacker family,
-    ``attack/{family}/n={n}/A_immunized``, ``…/A_reference`` and ``…/advantage_removed``
-    (when defined). The card's files go to ``out`` (default ``<log_dir>/attack-<budget>``).
+    ``attack/{family}/n={n}/A_immunized``, ``…/A_reference``, ``…/advantage_removed`` and its
+    bootstrap 90 % interval ``…/advantage_removed_low`` / ``…_high`` (when defined). The
+    card's files go to ``out`` (default ``<log_dir>/attack-<budget>``).
 
     The immunized model is compared with θ_0 (the extractor as it was when fit started; the
     identity for a linear extractor) and, for deep nets, θ_0's architecture from scratch.
@@ -79,7 +80,12 @@ class DurabilityCard(ReferenceKeeper):
     def _attack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         space = self.budget.space
         models = released_models(pl_module.extractor, self.reference, space.seed)
-        tasks = attack_tasks(trainer.datamodule, self.budget.eval_samples, space.seed)
+        tasks = attack_tasks(
+            trainer.datamodule,
+            self.budget.eval_samples,
+            space.seed,
+            unseen_samples=self.budget.unseen_samples,
+        )
         out = self.out or Path(trainer.log_dir or trainer.default_root_dir) / (
             f"attack-{self.budget.name}"
         )
@@ -103,4 +109,8 @@ class DurabilityCard(ReferenceKeeper):
                         logged[f"{prefix}/A_{model}"] = float(entry[model]["mean"])
                 if entry.get("advantage_removed") is not None:
                     logged[f"{prefix}/advantage_removed"] = float(entry["advantage_removed"])
+                interval = entry.get("advantage_removed_interval")
+                if interval is not None:  # the bootstrap 90 % interval
+                    logged[f"{prefix}/advantage_removed_low"] = float(interval[0])
+                    logged[f"{prefix}/advantage_removed_high"] = float(interval[1])
         return logged
