@@ -586,3 +586,15 @@ def test_the_scratch_model_is_initialised_by_timm_as_the_architecture_is_at_crea
     again = random_weights(trained, seed=1)
     pairs = zip(scratch.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_either_spelling_of_gd_exact_selects_the_family(tmp_path):
+    from lightning_immunize.attacks.families import family_name
+
+    assert family_name("gd_exact") == family_name("gd-exact") == "gd-exact"
+    path = tmp_path / "attack.yaml"
+    path.write_text(
+        "budgets:\n  b: {trials: 1, horizon: 10, data_budgets: [8], eval_samples: 8,\n"
+        "      families: {linear: [gd_exact, probe], deep: [probe]}}\n"
+    )
+    assert load_budget("b", path).families["linear"] == ("gd-exact", "probe")

@@ -13,6 +13,7 @@ from lightning_immunize.attacks.families import (
     OPTIMIZERS,
     SCHEDULES,
     check_family,
+    family_name,
 )
 from lightning_immunize.validation import unknown_choice
 
@@ -155,10 +156,9 @@ def _condition(spec: Any, where: str) -> ConditionPlan | None:
     if spec is None:
         return None
     for family in spec.get("families", []):
-        check_family(family)
-    return ConditionPlan(
-        tuple(spec.get("families", [])), _data_budget(spec.get("data_budget"), where)
-    )
+        check_family(family_name(family))
+    families = tuple(map(family_name, spec.get("families", [])))
+    return ConditionPlan(families, _data_budget(spec.get("data_budget"), where))
 
 
 TOP_KEYS = ("search_space", "budgets")
@@ -239,7 +239,7 @@ def load_budgets(path: str | Path = DEFAULT_BUDGETS) -> dict[str, Budget]:
             trials=int(raw["trials"]),
             horizon=raw["horizon"],
             data_budgets=tuple(_data_budget(b, where) for b in raw.get("data_budgets", ["all"])),
-            families={k: tuple(v) for k, v in families.items()},
+            families={k: tuple(map(family_name, v)) for k, v in families.items()},
             eval_samples=raw.get("eval_samples"),
             generalization=_condition(raw.get("generalization"), where),
             trainability=_condition(raw.get("trainability"), where),

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_immunize.attacks.budgets import Budget
 from lightning_immunize.attacks.card import build_card, card_markdown
+from lightning_immunize.attacks.families import family_name
 from lightning_immunize.attacks.figures import plot_effort, plot_search
 from lightning_immunize.attacks.intervals import mean_over_marks
 from lightning_immunize.attacks.sweep import (
@@ -73,7 +74,7 @@ def durability_card(
     """
     if "immunized" not in models or "reference" not in models:
         raise ValueError(f"models must hold 'immunized' and 'reference', got {sorted(models)}")
-    families = tuple(families or default_families(models["immunized"], budget))
+    families = tuple(map(family_name, families or default_families(models["immunized"], budget)))
     notes: list[str] = []
     studies = plan_studies(models, tasks, budget, families, notes)
     out = Path(out)

@@ -21,6 +21,7 @@ from lightning_immunize.attacks.families.base import (
     Prepared,
     check_family,
     check_supported,
+    family_name,
     family_names,
     get_family,
     has_batchnorm,
@@ -70,8 +71,8 @@ def prepare_network(extractor: nn.Module, family: str) -> nn.Module:
 
 __all__ = [
     "AttackerFamily", "Prepared", "register_family", "unregister_family", "get_family",
-    "check_family", "check_supported", "supported_families", "family_names", "has_batchnorm",
-    "lr_factor", "FAMILY_REGISTRY", "OPTIMIZERS", "SCHEDULES", "BATCHNORM_CHOICES",
+    "check_family", "check_supported", "supported_families", "family_name", "family_names",
+    "has_batchnorm", "lr_factor", "FAMILY_REGISTRY", "OPTIMIZERS", "SCHEDULES", "BATCHNORM_CHOICES",
     "NetworkFamily", "FinetuneImmunized", "FinetuneAll", "Lora", "lora_target_modules",
     "LORA_RANK", "LORA_ALPHA", "Probe", "WhitenedProbe", "FullBatchGD", "FullBatchAdam",
     "FullBatchProbe", "ExactLineSearch", "whitening", "WHITENING_FLOOR", "frozen_features",

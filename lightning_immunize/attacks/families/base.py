@@ -192,7 +192,22 @@ def family_names() -> tuple[str, ...]:
     return tuple(FAMILY_REGISTRY)
 
 
+def family_name(name: str) -> str:
+    """The registered spelling of ``name``, reading ``_`` as ``-``: ``gd_exact`` (the probing
+    attacker's spelling) selects the family ``gd-exact``. Unknown names come back unchanged.
+
+    Example:
+        >>> family_name("gd_exact"), family_name("finetune_all"), family_name("nope")
+        ('gd-exact', 'finetune-all', 'nope')
+    """
+    if name in FAMILY_REGISTRY:
+        return name
+    hyphenated = name.replace("_", "-")
+    return hyphenated if hyphenated in FAMILY_REGISTRY else name
+
+
 def check_family(family: str) -> None:
+    """A ``ValueError`` naming the registered families unless ``family`` is one of them."""
     if family not in FAMILY_REGISTRY:
         raise unknown_choice("attacker family", family, FAMILY_REGISTRY)
 
