@@ -233,7 +233,8 @@ class ImmunizationCLI(LightningCLI):
             where = self.trainer.log_dir or self.trainer.default_root_dir
             raise ValueError(
                 "no training step ran (trainer.max_epochs/max_steps of 0, or no training "
-                f"batch): the report in {where} describes the model as built, not immunized."
+                f"batch): the report in {where} describes the model as built, not immunized; "
+                "expected max_epochs/max_steps ≥ 1 and a training set with at least one batch."
             )
 
 

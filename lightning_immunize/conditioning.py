@@ -92,7 +92,8 @@ def _check_square(S: Tensor) -> Tensor:
     scale = S64.abs().amax(dim=(-2, -1))
     if (scale == 0).any():
         raise ValueError(
-            f"S of shape {tuple(S.shape)} is all zero: its condition number is undefined."
+            f"S of shape {tuple(S.shape)} is all zero: its condition number is undefined; "
+            "expected a matrix with a non-zero entry."
         )
     asym = (S64 - S64.mT).abs().amax(dim=(-2, -1))
     worst = (asym / scale).max().item()
@@ -117,7 +118,8 @@ def _check_features(Z: Tensor) -> Tensor:
     Z64 = Z.to(DTYPE)
     if (Z64.abs().amax(dim=(-2, -1)) == 0).any():
         raise ValueError(
-            f"Z of shape {tuple(Z.shape)} is all zero: its condition number is undefined."
+            f"Z of shape {tuple(Z.shape)} is all zero: its condition number is undefined; "
+            "expected features with a non-zero entry."
         )
     return Z64
 

@@ -51,7 +51,7 @@ LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 def _not_a_checkpoint(path: Path, found: str) -> ValueError:
     return ValueError(
         f"{path} is not a Lightning checkpoint ({found}); expected the .ckpt file a fit writes "
-        f"under {CHECKPOINT_LOCATION}"
+        f"under {CHECKPOINT_LOCATION}."
     )
 
 
@@ -145,7 +145,8 @@ def extractor_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     }
     if not out:
         raise ValueError(
-            "the checkpoint holds no 'extractor.*' weights: is it an ImmunizationModule checkpoint?"
+            f"the checkpoint holds no 'extractor.*' weights (first keys: {list(state_dict)[:5]}); "
+            "expected an ImmunizationModule checkpoint."
         )
     return out
 
@@ -333,7 +334,9 @@ def export_checkpoint(
         figures = json.loads(report_path.read_text())
         metadata.update({k: figures[k] for k in REPORT_KEYS if k in figures})
     elif report:
-        raise FileNotFoundError(f"report not found: {report_path}")
+        raise FileNotFoundError(
+            f"report not found: {report_path} (expected the immunization.json of a fit)."
+        )
     metadata.update(_run_progress(checkpoint, Path(ckpt)))
     return export_extractor(checkpoint["state_dict"], out, metadata), metadata
 

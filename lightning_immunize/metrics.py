@@ -95,7 +95,9 @@ def immunization_ratios(
     }
     nan = [k for k, v in named.items() if math.isnan(v)]
     if nan:
-        raise ValueError(f"the immunization ratios are undefined: {', '.join(nan)} is NaN.")
+        raise ValueError(
+            f"the immunization ratios are undefined: {', '.join(nan)} is NaN; expected a number."
+        )
     ratio_h = _ratio(float(kappa_harmful), float(kappa_harmful_reference), "harmful")
     ratio_p = _ratio(float(kappa_pretrain), float(kappa_pretrain_reference), "pretrain")
     if math.isinf(ratio_h) and math.isinf(ratio_p):
@@ -103,7 +105,8 @@ def immunization_ratios(
         raise ValueError(
             f"RIR = inf/inf is undefined: {' and '.join(infinite)} are infinite. An infinite "
             "κ(S(θ)) means the extractor maps a direction of the data's span to exactly zero "
-            "(features of lower rank than the inputs, e.g. a zero row or column in θ)."
+            "(features of lower rank than the inputs, e.g. a zero row or column in θ); expected "
+            "at most one infinite ratio."
         )
     out: dict[str, float | bool] = {
         "rir": ratio_h / ratio_p,
@@ -121,7 +124,8 @@ def immunization_ratios(
 def _ratio(kappa: float, reference: float, side: str) -> float:
     if math.isinf(kappa) and math.isinf(reference):
         raise ValueError(
-            f"ratio_{side} = inf/inf is undefined: κ(S(θ)) and its reference κ are both infinite."
+            f"ratio_{side} = inf/inf is undefined: κ(S(θ)) and its reference κ are both infinite; "
+            "expected at least one of them finite."
         )
     return kappa / reference
 
@@ -161,7 +165,10 @@ def _relative_immunization_ratio_compute(
         _check_pair(Z64, X64, f"features ({side})", f"inputs ({side})")
         sv_x, input_rank = data_singular_values(X64)
         if input_rank == 0:
-            raise ValueError(f"the {side} inputs of shape {tuple(X.shape)} have rank 0.")
+            raise ValueError(
+                f"the {side} inputs of shape {tuple(X.shape)} have rank 0; expected inputs with "
+                "a non-zero entry."
+            )
         rank = min(input_rank, Z64.shape[1])
         kappas[side] = _top_kappa(torch.linalg.svdvals(Z64), rank, Z64.shape)
         kappas[f"{side}_reference"] = _top_kappa(sv_x, input_rank, X64.shape)
@@ -207,7 +214,9 @@ def _as_matrix(T: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape (B, K) or (B, *), got {tuple(T.shape)}.")
     M = T.detach().reshape(T.shape[0], math.prod(T.shape[1:]))
     if M.shape[1] == 0:
-        raise ValueError(f"{name} has no features (shape {tuple(T.shape)}).")
+        raise ValueError(
+            f"{name} has no features, got shape {tuple(T.shape)}; expected at least one feature."
+        )
     return M.to(F64)
 
 
@@ -454,7 +463,9 @@ class RelativeImmunizationRatio(Metric):
             if Z is None and X is None:
                 continue
             if Z is None or X is None:
-                raise ValueError(f"{zn} and {xn} must be given together.")
+                raise ValueError(
+                    f"{zn} and {xn} must be given together, got only {xn if Z is None else zn}."
+                )
             Z64, X64 = _as_matrix(Z, zn), _as_matrix(X, xn)
             _check_pair(Z64, X64, zn, xn)
             self._check_width("features", side, Z64, f"features ({zn})")
@@ -581,7 +592,9 @@ class DeepRelativeImmunizationRatio(Metric):
             if Z is None and Z_ref is None:
                 continue
             if Z is None or Z_ref is None:
-                raise ValueError(f"{zn} and {rn} must be given together.")
+                raise ValueError(
+                    f"{zn} and {rn} must be given together, got only {rn if Z is None else zn}."
+                )
             Z64, R64 = _as_matrix(Z, zn), _as_matrix(Z_ref, rn)
             _check_pair(Z64, R64, zn, rn)
             self._append(f"features_{side}", Z64, zn)

@@ -57,7 +57,7 @@ def _flatten_batch(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim < 2:
         raise ValueError(
             f"{name} expects a batched input of shape (B, D) or (B, *), "
-            f"found shape {tuple(x.shape)}"
+            f"found shape {tuple(x.shape)}."
         )
     return x if x.ndim == 2 else x.flatten(1)
 
@@ -136,14 +136,14 @@ class LinearExtractor(nn.Module):
         if init not in self.INITS:
             raise unknown_choice("init", init, self.INITS)
         if in_features < 1:
-            raise ValueError(f"in_features must be positive, got {in_features}")
+            raise ValueError(f"in_features must be positive, got {in_features}.")
         out_features = in_features if out_features is None else out_features
         if out_features < 1:
-            raise ValueError(f"out_features must be positive, got {out_features}")
+            raise ValueError(f"out_features must be positive, got {out_features}.")
         if init == "identity" and out_features != in_features:
             raise ValueError(
                 f"init='identity' needs out_features == in_features, got "
-                f"in_features={in_features}, out_features={out_features}"
+                f"in_features={in_features}, out_features={out_features}."
             )
         self.in_features = in_features
         self.out_features = out_features
@@ -171,7 +171,7 @@ class LinearExtractor(nn.Module):
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"LinearExtractor: input has {x.shape[1]} features (shape "
-                f"{tuple(x.shape)} after flattening), expected in_features={self.in_features}"
+                f"{tuple(x.shape)} after flattening), expected in_features={self.in_features}."
             )
         return self.linear(x)
 
@@ -211,10 +211,11 @@ class LinearHead(nn.Module):
             raise unknown_choice("task", task, self.TASKS)
         if in_features < 1 or num_outputs < 1:
             raise ValueError(
-                f"in_features and num_outputs must be positive, got {in_features}, {num_outputs}"
+                f"in_features and num_outputs must be positive, got in_features={in_features}, "
+                f"num_outputs={num_outputs}."
             )
         if task == "multiclass" and num_outputs < 2:
-            raise ValueError(f"task='multiclass' needs num_outputs >= 2, got {num_outputs}")
+            raise ValueError(f"task='multiclass' needs num_outputs >= 2, got {num_outputs}.")
         self.in_features = in_features
         self.num_outputs = num_outputs
         self.task = task
@@ -236,7 +237,7 @@ class LinearHead(nn.Module):
         if z.shape[1] != self.in_features:
             raise ValueError(
                 f"LinearHead: features have width {z.shape[1]}, "
-                f"expected in_features={self.in_features}"
+                f"expected in_features={self.in_features}."
             )
         out = self.linear(z)
         if self.task != "multiclass" and self.num_outputs == 1:
@@ -247,7 +248,7 @@ class LinearHead(nn.Module):
         if target.numel() != output.numel():
             raise ValueError(
                 f"target shape {tuple(target.shape)} does not match output shape "
-                f"{tuple(output.shape)}"
+                f"{tuple(output.shape)}; expected {output.numel()} target values."
             )
         return target.reshape(output.shape).to(output.dtype)
 
@@ -260,7 +261,7 @@ class LinearHead(nn.Module):
         binary → targets become ``t·(1−ε) + ε/2``; regression → must be 0.
         """
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         if self.task == "multiclass":
             return F.cross_entropy(output, target.long(), label_smoothing=label_smoothing)
         target = self._match_target(output, target)
@@ -269,7 +270,10 @@ class LinearHead(nn.Module):
                 target = target * (1.0 - label_smoothing) + 0.5 * label_smoothing
             return F.binary_cross_entropy_with_logits(output, target)
         if label_smoothing != 0.0:
-            raise ValueError("label_smoothing is not defined for task='regression'")
+            raise ValueError(
+                f"label_smoothing is not defined for task='regression', got {label_smoothing}; "
+                "expected 0."
+            )
         return F.mse_loss(output, target)
 
     @torch.no_grad()
@@ -329,12 +333,17 @@ def _load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
     """Read a state dict saved with ``torch.save``: raw or wrapped as ``{"state_dict": …}``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint_path {path!r} does not exist")
+        raise FileNotFoundError(
+            f"checkpoint_path {path!r} does not exist; expected a torch.save file of a state dict."
+        )
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(f"checkpoint {path!r} does not hold a state dict")
+        raise ValueError(
+            f"checkpoint {path!r} does not hold a state dict (found a {type(obj).__name__}); "
+            "expected a mapping of parameter names to tensors."
+        )
     state = dict(obj)
     # Strip a prefix shared by every key (DDP's "module.", this wrapper's "model.").
     for prefix in ("module.", "model."):
@@ -415,7 +424,8 @@ class TimmBackbone(nn.Module):
 
         if checkpoint_path is not None and not os.path.isfile(os.fspath(checkpoint_path)):
             raise FileNotFoundError(
-                f"checkpoint_path {os.fspath(checkpoint_path)!r} does not exist"
+                f"checkpoint_path {os.fspath(checkpoint_path)!r} does not exist; expected a "
+                "torch.save file of a state dict."
             )
         self.model_name = model_name
         self.eval_frozen = eval_frozen
@@ -469,7 +479,8 @@ class TimmBackbone(nn.Module):
         if missing or result.unexpected_keys:
             raise RuntimeError(
                 f"checkpoint {os.fspath(path)!r} does not fit timm model {self.model_name!r}: "
-                f"missing keys {missing[:10]}, unexpected keys {result.unexpected_keys[:10]}"
+                f"missing keys {missing[:10]}, unexpected keys {result.unexpected_keys[:10]}; "
+                "expected a state dict of this architecture."
             )
         if result.missing_keys:
             warnings.warn(
@@ -504,7 +515,7 @@ class TimmBackbone(nn.Module):
         raise ValueError(
             f"trainable='last:N' needs a model with 'blocks', 'layer1..' or 'stages'; "
             f"{self.model_name!r} has top-level modules {self.top_level_names()}; "
-            "pass explicit prefixes instead"
+            "pass explicit prefixes instead."
         )
 
     def _resolve_trainable(self, trainable: Sequence[str] | str | None) -> list[str] | None:
@@ -515,7 +526,7 @@ class TimmBackbone(nn.Module):
             if match is None:
                 if trainable.startswith("last"):
                     raise ValueError(
-                        f"trainable={trainable!r}: expected 'last:N' with N a positive integer"
+                        f"trainable={trainable!r}: expected 'last:N' with N a positive integer."
                     )
                 trainable = [trainable]
             else:
@@ -524,7 +535,7 @@ class TimmBackbone(nn.Module):
                 if not 1 <= n <= len(units):
                     raise ValueError(
                         f"trainable={trainable!r}: N must be in 1..{len(units)} for "
-                        f"{self.model_name!r} (units {units})"
+                        f"{self.model_name!r} (units {units})."
                     )
                 prefixes = units[-n:]
                 modules = dict(self.model.named_modules())
@@ -539,7 +550,7 @@ class TimmBackbone(nn.Module):
         if unknown:
             raise ValueError(
                 f"trainable prefixes {unknown} match no parameter of {self.model_name!r}; "
-                f"available top-level names: {self.top_level_names()}"
+                f"available top-level names: {self.top_level_names()}."
             )
         return prefixes
 
@@ -580,7 +591,8 @@ class TimmBackbone(nn.Module):
             return copy.deepcopy(self._head_module)
         raise ValueError(
             f"timm model {self.model_name!r} was built without a classifier "
-            "(num_classes=0?), so there is no head to make"
+            "(num_classes=0?), so there is no head to make; expected num_classes >= 1, or pass "
+            "a head."
         )
 
     def train(self, mode: bool = True) -> TimmBackbone:

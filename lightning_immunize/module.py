@@ -335,8 +335,9 @@ class ImmunizationModule(pl.LightningModule):
             if not bool(x.ne(0).any()):
                 raise ValueError(
                     f"the {side} dataset's first {n} training inputs are all zero: their "
-                    "covariance has rank 0, so its condition number is undefined. Check the "
-                    "data (empty images? a column-selection mistake?)."
+                    "covariance has rank 0, so its condition number is undefined; expected "
+                    "inputs with a non-zero entry. Check the data (empty images? a "
+                    "column-selection mistake?)."
                 )
             with evaluating(self.extractor):
                 z = self.extractor(x)
@@ -345,7 +346,8 @@ class ImmunizationModule(pl.LightningModule):
                 raise ValueError(
                     f"the extractor maps the {side} dataset's first {n} training inputs to "
                     "all-zero features: their covariance has rank 0, so its condition number "
-                    "is undefined (dead activations? a zero-initialized extractor?)."
+                    "is undefined (dead activations? a zero-initialized extractor?); expected "
+                    "features with a non-zero entry."
                 )
 
     def configure_optimizers(self):
@@ -358,7 +360,10 @@ class ImmunizationModule(pl.LightningModule):
             group.update({k: v for k, v in self.group_options[name].items() if v is not None})
             groups.append(group)
         if not groups:
-            raise ValueError("the extractor and the head have no trainable parameters.")
+            raise ValueError(
+                "the extractor and the head have no trainable parameters; expected at least one "
+                "with requires_grad=True."
+            )
         factory = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-3))
         optimizer = factory(groups)
         if self.scheduler_factory is None:

@@ -80,7 +80,10 @@ def train_classifier(
         ``{"val_accuracy": [per epoch], "epochs": int, "seconds": float}``.
     """
     if not 1 <= epochs <= max_epochs:
-        raise ValueError(f"need 1 <= epochs <= max_epochs, got epochs={epochs}, {max_epochs=}")
+        raise ValueError(
+            f"train_classifier needs 1 <= epochs <= max_epochs, got epochs={epochs} and "
+            f"max_epochs={max_epochs}."
+        )
     params = [*extractor.parameters(), *head.parameters()]
     flags = [p.requires_grad for p in params]
     modes = {m: m.training for m in (*extractor.modules(), *head.modules())}

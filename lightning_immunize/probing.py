@@ -128,17 +128,17 @@ def _check_problem(Z: Tensor, y: Tensor, w0: Tensor | None = None) -> tuple[Tens
     """Validate and convert to float64; returns ``(Z, y, w0)`` with ``w0`` zeros if ``None``."""
     if not isinstance(Z, Tensor) or Z.dim() != 2:
         shape = tuple(Z.shape) if isinstance(Z, Tensor) else type(Z).__name__
-        raise ValueError(f"Z must be a 2-D tensor (N, K) of features, got shape {shape}")
+        raise ValueError(f"Z must be a 2-D tensor (N, K) of features, got shape {shape}.")
     if not isinstance(y, Tensor) or y.dim() not in (1, 2):
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"y must be a tensor of shape (N,) or (N, C), got shape {shape}")
+        raise ValueError(f"y must be a tensor of shape (N,) or (N, C), got shape {shape}.")
     if y.shape[0] != Z.shape[0]:
         raise ValueError(
             f"y has {y.shape[0]} rows but Z has {Z.shape[0]} (shapes {tuple(y.shape)} and "
-            f"{tuple(Z.shape)})"
+            f"{tuple(Z.shape)}); expected one row of y per row of Z."
         )
     if Z.shape[0] == 0 or Z.shape[1] == 0:
-        raise ValueError(f"Z must be non-empty, got shape {tuple(Z.shape)}")
+        raise ValueError(f"Z must be non-empty, got shape {tuple(Z.shape)}.")
     Z = Z.detach().to(F64)
     y = y.detach().to(device=Z.device, dtype=F64)
     check_finite(Z, "Z")
@@ -149,7 +149,7 @@ def _check_problem(Z: Tensor, y: Tensor, w0: Tensor | None = None) -> tuple[Tens
         w0 = torch.zeros(w_shape, dtype=F64, device=Z.device)
     else:
         if tuple(w0.shape) != w_shape:
-            raise ValueError(f"w0 must have shape {w_shape}, got {tuple(w0.shape)}")
+            raise ValueError(f"w0 must have shape {w_shape}, got {tuple(w0.shape)}.")
         w0 = w0.detach().to(device=Z.device, dtype=F64).clone()
         check_finite(w0, "w0")
     return Z, y, w0
@@ -167,9 +167,9 @@ def _check_not_all_zero(Z: Tensor, name: str) -> None:
 
 def _check_steps_tol(steps: int, tol: float) -> None:
     if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps}")
+        raise ValueError(f"steps must be an integer >= 1, got {steps}.")
     if not (tol > 0) or not math.isfinite(tol):
-        raise ValueError(f"tol must be a finite value > 0, got {tol}")
+        raise ValueError(f"tol must be a finite value > 0, got {tol}.")
 
 
 def squared_loss(Z: Tensor, y: Tensor, w: Tensor) -> Tensor:
@@ -285,7 +285,7 @@ def gd_fixed_step(
     """
     _check_steps_tol(steps, tol)
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite value > 0, got {lr}")
+        raise ValueError(f"lr must be a finite value > 0, got {lr}.")
     Z, y, w = _check_problem(Z, y, w0)
     w_star = least_squares_solution(Z, y)
     if lr is None:
@@ -357,7 +357,7 @@ def lbfgs_probe(
     default ``max_iter · 5 // 4 = 1`` leaves the line search no evaluations, so ``w`` never moves.
     """
     if int(max_eval) != max_eval or max_eval < 2:
-        raise ValueError(f"max_eval must be an integer >= 2, got {max_eval}")
+        raise ValueError(f"max_eval must be an integer >= 2, got {max_eval}.")
     return _torch_optimizer_probe(
         "lbfgs",
         lambda p: torch.optim.LBFGS(
@@ -423,22 +423,23 @@ def run_attackers(
 def _check_labels(Z: Tensor, labels: Tensor, num_classes: int, what: str) -> Tensor:
     if not isinstance(Z, Tensor) or Z.dim() != 2:
         shape = tuple(Z.shape) if isinstance(Z, Tensor) else type(Z).__name__
-        raise ValueError(f"Z_{what} must be a 2-D tensor (N, K), got shape {shape}")
+        raise ValueError(f"Z_{what} must be a 2-D tensor (N, K), got shape {shape}.")
     check_finite(Z, f"Z_{what}")
     if Z.numel():
         _check_not_all_zero(Z, f"Z_{what}")
     if labels.dim() != 1 or labels.shape[0] != Z.shape[0]:
         raise ValueError(
             f"y_{what} must have shape ({Z.shape[0]},) to match Z_{what} {tuple(Z.shape)}, "
-            f"got {tuple(labels.shape)}"
+            f"got {tuple(labels.shape)}."
         )
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
-        raise ValueError(f"y_{what} must hold integer class labels")
+        first = labels[labels != labels.round()].flatten()[0].item()
+        raise ValueError(f"y_{what} must hold integer class labels, got {first}.")
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"y_{what} labels must lie in [0, {num_classes}), got range "
-            f"[{int(labels.min())}, {int(labels.max())}]"
+            f"[{int(labels.min())}, {int(labels.max())}]."
         )
     return labels
 
@@ -468,26 +469,29 @@ def linear_probe_accuracy(
     ``Z_train`` or ``Z_test`` (a dead extractor) raises ``ValueError``.
     """
     if int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
     if int(epochs) != epochs or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs}")
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs}.")
     if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}.")
     if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
     y_train = _check_labels(Z_train, y_train, num_classes, "train")
     y_test = _check_labels(Z_test, y_test, num_classes, "test")
     if Z_train.shape[0] == 0 or Z_test.shape[0] == 0:
-        raise ValueError("Z_train and Z_test must be non-empty")
+        raise ValueError(
+            f"Z_train and Z_test must be non-empty, got shapes {tuple(Z_train.shape)} and "
+            f"{tuple(Z_test.shape)}."
+        )
     if Z_train.shape[1] != Z_test.shape[1]:
         raise ValueError(
             f"Z_train {tuple(Z_train.shape)} and Z_test {tuple(Z_test.shape)} must have the same "
-            "number of features"
+            "number of features."
         )
     if lr is None:
         lr = 0.1 if optimizer == "sgd" else 1e-3
     if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite value > 0, got {lr}")
+        raise ValueError(f"lr must be a finite value > 0, got {lr}.")
 
     device = Z_train.device
     Ztr = Z_train.detach().to(F64)
@@ -531,6 +535,6 @@ def epochs_to_reach(curve: Tensor | Sequence[float], threshold: float) -> int | 
     if not isinstance(curve, Tensor):  # a list of accuracies: compare in float64, not float32
         curve = torch.as_tensor(curve, dtype=torch.float64)
     if curve.dim() != 1:
-        raise ValueError(f"curve must be 1-D, got shape {tuple(curve.shape)}")
+        raise ValueError(f"curve must be 1-D, got shape {tuple(curve.shape)}.")
     hit = torch.nonzero(curve >= threshold)
     return int(hit[0, 0]) if hit.numel() else None

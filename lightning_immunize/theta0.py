@@ -205,7 +205,10 @@ class FromScratch(Theta0):
         if trainer is not None and world_size() > 1:
             trainer.strategy.barrier("lightning_immunize.theta0")
         if not path.is_file():
-            raise FileNotFoundError(f"θ_0 cache file {path} was not written.")
+            raise FileNotFoundError(
+                f"θ_0 cache file {path} was not written; expected rank 0 to write it in a "
+                "folder every rank can read."
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         module.extractor.load_state_dict(state["extractor"])
         module.head.load_state_dict(state["head"])

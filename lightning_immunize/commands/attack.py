@@ -110,7 +110,9 @@ def main(argv: Sequence[str]) -> int:
         raise
     failed = _stop_workers(helpers)
     if failed:
-        raise RuntimeError(f"attack worker(s) failed: {'; '.join(failed)}")
+        raise RuntimeError(
+            f"attack worker(s) failed: {'; '.join(failed)}; expected every worker to exit 0."
+        )
     print(f"wrote {card}")
     return 0
 
@@ -187,7 +189,7 @@ def control_module(control: str | Path, immunized: Any) -> Any:
         differ = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
         raise ValueError(
             f"--control {control}: its extractor is not the immunized model's architecture "
-            f"(first differences: {differ})"
+            f"(first differences: {differ}); expected a run of the same architecture."
         )
     return loaded.module
 

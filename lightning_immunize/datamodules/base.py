@@ -88,7 +88,7 @@ def global_seed(default: int = 0) -> int:
     except ValueError:
         raise ValueError(
             f"the environment variable {GLOBAL_SEED_ENV}={value!r} (the global seed of "
-            f"seed_everything) is not an integer"
+            f"seed_everything) is not an integer; expected an integer such as 42."
         ) from None
 
 
@@ -109,7 +109,10 @@ def _check_nonempty(dataset: Dataset | None, side: str, split: str) -> None:
         return
     n = _dataset_len(dataset)
     if n == 0:
-        raise ValueError(f"the {side} dataset of the {split!r} split is empty (0 samples)")
+        raise ValueError(
+            f"the {side} dataset of the {split!r} split is empty (0 samples); expected at least "
+            "one sample."
+        )
 
 
 class PairedDataModule(LightningDataModule):
@@ -183,7 +186,7 @@ class PairedDataModule(LightningDataModule):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(
                 f"batch_size must be an integer >= 2 (the regularizers need at least two "
-                f"samples per side), got {batch_size!r}"
+                f"samples per side), got {batch_size!r}."
             )
         if mode not in TRAIN_MODES:
             raise unknown_choice("training mode", mode, TRAIN_MODES)
@@ -192,10 +195,12 @@ class PairedDataModule(LightningDataModule):
         if task is not None and task not in TASKS:
             raise unknown_choice("task", task, TASKS)
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-                raise ValueError(f"seed must be an integer or None (the global seed), got {seed!r}")
+                raise ValueError(
+                    f"seed must be an integer or None (the global seed), got {seed!r}."
+                )
             seed = int(seed)
         self.batch_size = batch_size
         self.mode = mode
@@ -314,7 +319,10 @@ class PairedDataModule(LightningDataModule):
             self._ensure_built()
             ds = self.pretrain if self.pretrain is not None else self.harmful
             if ds is None:
-                raise ValueError("cannot infer the task: no training dataset; pass task=...")
+                raise ValueError(
+                    "cannot infer the task: no training dataset (pretrain and harmful are None); "
+                    f"pass task=... (one of {', '.join(map(repr, TASKS))})."
+                )
             y = torch.as_tensor(ds[0][1])
             self._task = "regression" if y.is_floating_point() else "multiclass"
         return self._task
@@ -402,7 +410,8 @@ class PairedDataModule(LightningDataModule):
         for offset, (side, ds) in enumerate(zip(SIDES, (self.pretrain, self.harmful), strict=True)):
             if ds is None:
                 raise ValueError(
-                    f"no {side} training dataset: pass {side}=... or build it in _build()"
+                    f"no {side} training dataset ({side} is None): pass {side}=... or build it "
+                    "in _build()."
                 )
             n = _dataset_len(ds)
             if not self.drop_last and n is not None and n > 1 and n % self.batch_size == 1:
@@ -485,7 +494,8 @@ class PairedDataModule(LightningDataModule):
         if missing:
             raise ValueError(
                 f"split {split!r} does not exist in {type(self).__name__}: "
-                f"no {' and '.join(missing)} dataset for it"
+                f"no {' and '.join(missing)} dataset for it; expected a split with a dataset on "
+                "each side."
             )
         assert p is not None and h is not None
         x_p, y_p = self._stack(p)

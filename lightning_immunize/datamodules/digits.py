@@ -23,7 +23,7 @@ MNIST_STD = 0.3081
 def check_digit(value: object, name: str) -> int:
     """Returns ``value`` as an int if it is a digit 0..9, else raises ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9:
-        raise ValueError(f"{name} must be an integer digit in 0..9, got {value!r}")
+        raise ValueError(f"{name} must be an integer digit in 0..9, got {value!r}.")
     return int(value)
 
 
@@ -36,12 +36,12 @@ def check_pair_args(
     if a == b:
         raise ValueError(
             f"pretrain_digit and harmful_digit must differ, both are {a} "
-            f"(D_P and D_H would be the same images)"
+            f"(D_P and D_H would be the same images)."
         )
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
     if not std > 0:
-        raise ValueError(f"std must be > 0, got {std!r}")
+        raise ValueError(f"std must be > 0, got {std!r}.")
     return a, b
 
 
@@ -87,20 +87,27 @@ def build_digit_pair(
         (harmful_digit, idx_h, "harmful"),
     ):
         if len(idx) == 0:
-            raise ValueError(f"the {side} dataset is empty: no image of digit {digit} in the data")
+            raise ValueError(
+                f"the {side} dataset is empty: no image of digit {digit} in the data; expected "
+                "at least one."
+            )
     n = min(len(idx_p), len(idx_h))
     if max_samples is not None:
         if max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}.")
         n = min(n, max_samples)
     idx_p, idx_h = idx_p[:n], idx_h[:n]
     n_val = int(n * val_fraction)
     if val_fraction > 0 and n_val == 0:
         raise ValueError(
-            f"val_fraction={val_fraction} leaves no validation sample out of {n} per side"
+            f"val_fraction={val_fraction} leaves no validation sample out of {n} per side; "
+            f"expected 0 or at least 1/{n}."
         )
     if n - n_val < 1:
-        raise ValueError(f"val_fraction={val_fraction} leaves no training sample out of {n}")
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves no training sample out of {n}; expected a "
+            "smaller val_fraction."
+        )
 
     def features(idx: Tensor) -> Tensor:
         x = flat[idx].to(torch.float64) / scale

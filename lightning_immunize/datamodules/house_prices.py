@@ -232,9 +232,9 @@ class HousePricesDataModule(PairedDataModule):
             num_classes=None,
         )
         if train_rows < 2:
-            raise ValueError(f"train_rows must be >= 2, got {train_rows}")
+            raise ValueError(f"train_rows must be >= 2, got {train_rows}.")
         if val_rows is not None and val_rows < 0:
-            raise ValueError(f"val_rows must be >= 0 or None, got {val_rows}")
+            raise ValueError(f"val_rows must be >= 0 or None, got {val_rows}.")
         if standardize_on not in STANDARDIZE_ON:
             raise unknown_choice("standardize_on", standardize_on, STANDARDIZE_ON)
         self.csv_path = Path(csv_path)
@@ -247,10 +247,10 @@ class HousePricesDataModule(PairedDataModule):
         self.drop_columns = tuple(drop_columns)
         self.standardize_on = standardize_on
         if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
         self.dtype = getattr(torch, dtype)
         if columns not in COLUMN_RULES:
-            raise ValueError(f"columns must be one of {list(COLUMN_RULES)}, got {columns!r}")
+            raise ValueError(f"columns must be one of {list(COLUMN_RULES)}, got {columns!r}.")
         self.columns = columns
         self.id_column = id_column
         self._feature_columns: dict[str, list[str]] = {}
@@ -267,18 +267,24 @@ class HousePricesDataModule(PairedDataModule):
             raise FileNotFoundError(
                 f"House Prices CSV not found: {self.csv_path} (expected Kaggle's "
                 f"'House Prices - Advanced Regression Techniques' train.csv; nothing is "
-                f"downloaded)"
+                f"downloaded)."
             )
         df = pd.read_csv(self.csv_path)
         required = [self.zone_column, self.pretrain_target, self.harmful_target]
         required += list(self.drop_columns)
         missing = [c for c in dict.fromkeys(required) if c not in df.columns]
         if missing:
-            raise ValueError(f"{self.csv_path}: missing required column(s) {missing}")
+            raise ValueError(
+                f"{self.csv_path}: missing required column(s) {missing}; expected all of "
+                f"{list(dict.fromkeys(required))}."
+            )
         check_cells(df, self.csv_path)
         for target in (self.pretrain_target, self.harmful_target):
             if not pd.api.types.is_numeric_dtype(df[target]):
-                raise ValueError(f"{self.csv_path}: target column {target!r} is not numeric")
+                raise ValueError(
+                    f"{self.csv_path}: target column {target!r} is not numeric (dtype "
+                    f"{df[target].dtype}); expected numbers."
+                )
         self._check_kaggle_columns(df)
         if self.columns == "shared":
             excluded = {self.pretrain_target, self.harmful_target, *self.drop_columns}
@@ -305,13 +311,13 @@ class HousePricesDataModule(PairedDataModule):
                 op = "==" if side == "harmful" else "!="
                 raise ValueError(
                     f"the {side} dataset is empty: no row of {self.csv_path} has "
-                    f"{self.zone_column} {op} {self.harmful_zone!r}"
+                    f"{self.zone_column} {op} {self.harmful_zone!r}; expected at least one."
                 )
             n_val = n - self.train_rows if self.val_rows is None else self.val_rows
             if self.train_rows + n_val > n:
                 raise ValueError(
                     f"the {side} split has {n} rows, fewer than train_rows + val_rows = "
-                    f"{self.train_rows} + {n_val}"
+                    f"{self.train_rows} + {n_val}; expected train_rows + val_rows <= {n}."
                 )
             stats_rows = self.train_rows if self.standardize_on == "train" else None
             used = self.train_rows + n_val
@@ -346,7 +352,7 @@ class HousePricesDataModule(PairedDataModule):
         raise ValueError(
             f"{self.csv_path}: Kaggle's House Prices feature column(s) {missing} are missing: "
             f"{width} features, expected {expected}{found}. Use the complete train.csv and "
-            f"leave columns out with drop_columns=[...]"
+            f"leave columns out with drop_columns=[...]."
         )
 
     def _log_filled(self, splits: dict[str, tuple[pd.DataFrame, str]]) -> None:

@@ -41,7 +41,10 @@ def resolve_image_data_config(
     if model_name is not None:
         cfg = timm.get_pretrained_cfg(model_name)
         if cfg is None:
-            raise ValueError(f"timm has no pretrained config for model {model_name!r}")
+            raise ValueError(
+                f"timm has no pretrained config for model {model_name!r}; expected a name "
+                "that timm.list_pretrained() lists."
+            )
         config = resolve_data_config(pretrained_cfg=cfg.to_dict())
     else:
         config = resolve_data_config(args={"input_size": (3, 224, 224)})
@@ -52,7 +55,9 @@ def resolve_image_data_config(
 
 def _root_and_subdir(root: Path, subdir: str | None) -> tuple[Path, bool]:
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise FileNotFoundError(
+            f"image folder not found: {root} (expected a folder of ImageNet-style class folders)."
+        )
     if subdir and (root / subdir).is_dir():
         return root / subdir, True
     return root, False
@@ -89,7 +94,7 @@ def _image_folder(path: Path, transform: Callable | None, check: bool = True) ->
     except FileNotFoundError as err:  # no class folder, or class folders without images
         raise ValueError(
             f"no images found in {path}: expected ImageNet-style class folders "
-            f"(<path>/<class>/<image>) holding image files ({err})"
+            f"(<path>/<class>/<image>) holding image files ({err})."
         ) from err
     if check:
         check_image_files(p for p, _ in folder.samples)
@@ -168,9 +173,9 @@ class ImagePairDataModule(PairedDataModule):
             num_classes=None,
         )
         if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}.")
         if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be >= 1 or None, got {image_size}")
+            raise ValueError(f"image_size must be >= 1 or None, got {image_size}.")
         self.pretrain_root = Path(pretrain_root)
         self.harmful_root = Path(harmful_root)
         self.image_size = image_size
@@ -222,8 +227,12 @@ class ImagePairDataModule(PairedDataModule):
             if has_subdir and self.val_subdir and (root / self.val_subdir).is_dir():
                 val_folder = _image_folder(root / self.val_subdir, eval_tf, self.check_images)
                 if list(val_folder.classes) != classes:  # type: ignore[attr-defined]
+                    val_classes = set(val_folder.classes)  # type: ignore[attr-defined]
                     raise ValueError(
-                        f"{root / self.val_subdir}: class folders differ from those of {train_dir}"
+                        f"{root / self.val_subdir}: class folders differ from those of "
+                        f"{train_dir} (only in {self.val_subdir!r}: "
+                        f"{sorted(val_classes - set(classes))[:5]}, only in the training folder: "
+                        f"{sorted(set(classes) - val_classes)[:5]}); expected the same classes."
                     )
                 val = self._limit(val_folder, 2 * offset + 1)
             built[side] = {"train": train, "train_eval": train_eval, "val": val}
@@ -248,7 +257,7 @@ class ImagePairDataModule(PairedDataModule):
             raise ValueError(
                 f"{root} has a {val!r} sub-folder but no {train!r} one: expected "
                 f"{root}/{train}/<class>/<image> beside {root}/{val}/<class>/<image>, or "
-                f"only class folders directly in {root} (as it is, {val!r} would be a class)"
+                f"only class folders directly in {root} (as it is, {val!r} would be a class)."
             )
         if not has_subdir:
             rank_zero_warn(

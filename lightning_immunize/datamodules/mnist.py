@@ -65,19 +65,27 @@ def read_idx(path: str | Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()!r})")
+        raise ValueError(
+            f"{path}: not an IDX file (bad magic number {raw[:4].hex()!r}); expected two zero "
+            "bytes, a type code and a dimension count."
+        )
     code, ndim = raw[2], raw[3]
     if code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
+        known = ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES)
+        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}; expected one of {known}.")
     dtype = _IDX_DTYPES[code]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise ValueError(
+            f"{path}: truncated IDX header of {len(raw)} bytes; expected {header} for {ndim} "
+            "dimension(s)."
+        )
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
         raise ValueError(
-            f"{path}: IDX body has {len(raw) - header} bytes, header {dims} implies {expected}"
+            f"{path}: IDX body has {len(raw) - header} bytes; expected {expected}, as its header "
+            f"{dims} implies."
         )
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
@@ -138,12 +146,13 @@ def load_mnist_idx(root: str | Path, split: str = "test") -> tuple[Tensor, Tenso
         img = read_idx(img_path)
         lbl = read_idx(lbl_path)
         if img.ndim != 3:
-            raise ValueError(f"{img_path}: expected a 3-d image array, got shape {img.shape}")
+            raise ValueError(f"{img_path}: expected a 3-d image array, got shape {img.shape}.")
         if lbl.ndim != 1:
-            raise ValueError(f"{lbl_path}: expected a 1-d label array, got shape {lbl.shape}")
+            raise ValueError(f"{lbl_path}: expected a 1-d label array, got shape {lbl.shape}.")
         if len(img) != len(lbl):
             raise ValueError(
-                f"{img_path} holds {len(img)} images but {lbl_path} holds {len(lbl)} labels"
+                f"{img_path} holds {len(img)} images but {lbl_path} holds {len(lbl)} labels; "
+                "expected one label per image."
             )
         images.append(torch.from_numpy(img.astype(np.uint8, copy=False)))
         labels.append(torch.from_numpy(lbl.astype(np.int64)))
@@ -223,10 +232,12 @@ class MNISTPairDataModule(DigitsPairDataModule):
 def _check_digit_group(value: object, name: str) -> tuple[int, ...]:
     digits = tuple(value) if isinstance(value, list | tuple) else (value,)
     if len(digits) < 2:
-        raise ValueError(f"{name} needs at least two digits (a classification task), got {value!r}")
+        raise ValueError(
+            f"{name} needs at least two digits (a classification task), got {value!r}."
+        )
     checked = tuple(check_digit(d, name) for d in digits)
     if len(set(checked)) != len(checked):
-        raise ValueError(f"{name} repeats a digit: {list(checked)}")
+        raise ValueError(f"{name} repeats a digit, got {list(checked)}; expected distinct digits.")
     return checked
 
 
@@ -297,16 +308,16 @@ class MNISTHalvesDataModule(PairedDataModule):
         if shared:
             raise ValueError(
                 f"pretrain_digits {list(p_digits)} and harmful_digits {list(h_digits)} share "
-                f"{shared}: D_P and D_H must be different digits"
+                f"{shared}: D_P and D_H must be different digits."
             )
         if not 0.0 < holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}.")
         if not 0.0 <= withhold_harmful < 1.0:
-            raise ValueError(f"withhold_harmful must be in [0, 1), got {withhold_harmful!r}")
+            raise ValueError(f"withhold_harmful must be in [0, 1), got {withhold_harmful!r}.")
         if max_samples is not None and max_samples < 4:
-            raise ValueError(f"max_samples must be >= 4 (or None), got {max_samples!r}")
+            raise ValueError(f"max_samples must be >= 4 (or None), got {max_samples!r}.")
         if not std > 0:
-            raise ValueError(f"std must be > 0, got {std!r}")
+            raise ValueError(f"std must be > 0, got {std!r}.")
         super().__init__(
             batch_size=batch_size,
             mode=mode,

@@ -55,7 +55,10 @@ class ResumableDataLoader(DataLoader):
     ) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.batch_sampler, SkippingBatchSampler):
-            raise TypeError("ResumableDataLoader needs batch_sampler=SkippingBatchSampler(...)")
+            raise TypeError(
+                "ResumableDataLoader needs batch_sampler=SkippingBatchSampler(...), got "
+                f"{type(self.batch_sampler).__name__}."
+            )
         self.position = position
         self._epoch_start: torch.Tensor | None = None  # generator state at the epoch's start
         self._pending: dict[str, Any] | None = None

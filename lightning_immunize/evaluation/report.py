@@ -79,7 +79,8 @@ def immunization_report(
         else:
             if reference_extractor is None:
                 raise ValueError(
-                    "a non-linear extractor needs reference_extractor (θ_0) for its RIR."
+                    f"a non-linear extractor ({type(extractor).__name__}) needs "
+                    "reference_extractor (θ_0) for its RIR, got None."
                 )
             reference_extractor.eval()
             metric = DeepRelativeImmunizationRatio(

@@ -79,7 +79,10 @@ def input_rank(extractor: nn.Module, x: Tensor, width: int, rule: str = "auto") 
         return None
     rank = min(data_rank(x.reshape(x.shape[0], -1)), x.shape[0], width)
     if rank == 0:
-        raise ValueError(f"the input batch of shape {tuple(x.shape)} has rank 0.")
+        raise ValueError(
+            f"the input batch of shape {tuple(x.shape)} has rank 0; expected inputs with a "
+            "non-zero entry."
+        )
     return rank
 
 
