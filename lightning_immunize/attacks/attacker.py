@@ -46,7 +46,7 @@ def step_marks(horizon: int) -> list[int]:
         [1, 3, 10, 30, 50]
     """
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-        raise ValueError(f"horizon must be an integer >= 1 (the first step mark), got {horizon!r}")
+        raise ValueError(f"horizon must be an integer >= 1 (the first step mark), got {horizon!r}.")
     marks, k = [], 0
     while True:
         mark = 10 ** (k // 2) * (1 if k % 2 == 0 else 3)
@@ -91,7 +91,7 @@ class AttackData:
             if x is None or y is None or x.shape[0] != y.shape[0] or x.shape[0] == 0:
                 raise ValueError(
                     f"attack data {self.name!r}: {split} split has {x.shape[0]} inputs and "
-                    f"{y.shape[0]} targets; expected the same positive number"
+                    f"{y.shape[0]} targets; expected the same positive number."
                 )
 
     @property
@@ -108,7 +108,10 @@ class AttackData:
         if split == "selection":
             return self.eval_x, self.eval_y
         if split != "scoring" or self.score_x is None:
-            raise ValueError(f"attack data {self.name!r} has no {split!r} split")
+            raise ValueError(
+                f"attack data {self.name!r} has no {split!r} split; expected 'selection', or "
+                "'scoring' when it holds scoring data."
+            )
         return self.score_x, self.score_y
 
     def subset(self, n: int | None, seed: int) -> AttackData:
@@ -118,8 +121,8 @@ class AttackData:
             return self
         if not 1 <= n <= total:
             raise ValueError(
-                f"data budget {n} is not in 1..{total}, the number of training samples of "
-                f"{self.name!r}"
+                f"data budget must be in 1..{total}, the number of training samples of "
+                f"{self.name!r}, got {n}."
             )
         idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
         return AttackData(
@@ -163,15 +166,15 @@ class Attacker:
         if self.optimizer not in OPTIMIZERS:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
+            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}.")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}.")
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
         if self.batchnorm not in BATCHNORM_CHOICES:
             raise unknown_choice("batchnorm choice", self.batchnorm, BATCHNORM_CHOICES)
         if isinstance(self.batch_size, bool) or not int(self.batch_size) >= 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
         step_marks(self.horizon)
 
     @property

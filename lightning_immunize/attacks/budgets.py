@@ -55,37 +55,46 @@ class SearchSpace:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
         if unknown or not self.optimizers:
             raise ValueError(
-                f"search_space.optimizers {list(self.optimizers)}: expected a "
-                f"non-empty subset of {list(OPTIMIZERS)}"
+                f"search_space.optimizers must be a non-empty subset of {list(OPTIMIZERS)}, "
+                f"got {list(self.optimizers)}."
             )
         for name, low, high in (("full-batch lr", self.lr_low, self.lr_high),
                                 *((f"lr of {o}", lo, hi) for o, lo, hi in self.lr_ranges),
                                 ("weight_decay", *self.weight_decay)):  # fmt: skip
             if not 0 < low <= high:
-                raise ValueError(f"search_space.{name} [{low}, {high}]: expected 0 < low <= high")
+                raise ValueError(
+                    f"search_space.{name} must be a range [low, high] with 0 < low <= high, "
+                    f"got [{low}, {high}]."
+                )
         missing = [
             o for o in self.optimizers if o not in dict((o, 0) for o, _, _ in self.lr_ranges)
         ]
         if missing:
-            raise ValueError(f"search_space.lr: no range for optimizer(s) {missing}")
+            raise ValueError(
+                f"search_space.lr has no range for optimizer(s) {missing}; expected a "
+                f"[low, high] for every optimizer of {list(self.optimizers)}."
+            )
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ValueError(
-                f"search_space.batch_sizes {list(self.batch_sizes)}: expected positive integers"
+                f"search_space.batch_sizes must be a non-empty list of positive integers, got "
+                f"{list(self.batch_sizes)}."
             )
         choices = (("schedules", self.schedules, SCHEDULES),
                    ("batchnorm", self.batchnorm, BATCHNORM_CHOICES))  # fmt: skip
         for name, values, allowed in choices:
             if not values or any(v not in allowed for v in values):
                 raise ValueError(
-                    f"search_space.{name} {list(values)}: expected a non-empty subset of "
-                    f"{list(allowed)}"
+                    f"search_space.{name} must be a non-empty subset of {list(allowed)}, got "
+                    f"{list(values)}."
                 )
         if self.startup_trials < 0:
-            raise ValueError(f"search_space.startup_trials must be >= 0, got {self.startup_trials}")
+            raise ValueError(
+                f"search_space.startup_trials must be >= 0, got {self.startup_trials}."
+            )
         if self.reduction_factor < 0 or self.reduction_factor == 1:
             raise ValueError(
                 f"search_space.reduction_factor must be 0 (no pruning) or >= 2, got "
-                f"{self.reduction_factor}"
+                f"{self.reduction_factor}."
             )
 
     def lr_range(self, optimizer: str) -> tuple[float, float]:
@@ -93,7 +102,10 @@ class SearchSpace:
         for name, low, high in self.lr_ranges:
             if name == optimizer:
                 return low, high
-        raise ValueError(f"search_space.lr: no range for optimizer {optimizer!r}")
+        raise ValueError(
+            f"search_space.lr has no range for optimizer {optimizer!r}; expected one of "
+            f"{[name for name, _, _ in self.lr_ranges]}."
+        )
 
 
 @dataclass(frozen=True)
@@ -130,9 +142,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.trials < 1:
-            raise ValueError(f"budget {self.name!r}: trials must be >= 1, got {self.trials}")
+            raise ValueError(f"budget {self.name!r}: trials must be >= 1, got {self.trials}.")
         if self.reseeds < 1:
-            raise ValueError(f"budget {self.name!r}: reseeds must be >= 1, got {self.reseeds}")
+            raise ValueError(f"budget {self.name!r}: reseeds must be >= 1, got {self.reseeds}.")
         try:
             step_marks(self.horizon)
         except ValueError as err:
@@ -141,14 +153,17 @@ class Budget:
             for family in families:
                 check_family(family)
             if not families:
-                raise ValueError(f"budget {self.name!r}: no families for {kind} models")
+                raise ValueError(
+                    f"budget {self.name!r} lists no families for {kind} models; expected at "
+                    "least one."
+                )
 
 
 def _data_budget(value: Any, where: str) -> int | None:
     if value in (None, "all"):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: a data budget is a positive integer or 'all', got {value!r}")
+        raise ValueError(f"{where}: a data budget is a positive integer or 'all', got {value!r}.")
     return value
 
 
@@ -170,7 +185,7 @@ BUDGET_KEYS = ("trials", "horizon", "data_budgets", "eval_samples", "families",
 
 def _check_keys(raw: Any, allowed: tuple[str, ...], where: str) -> None:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+        raise ValueError(f"{where} must be a mapping, got {raw!r}.")
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise unknown_choice(f"key in {where}:", unknown, allowed)
@@ -178,7 +193,7 @@ def _check_keys(raw: Any, allowed: tuple[str, ...], where: str) -> None:
 
 def _pair(value: Any, where: str) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"{where}: expected [low, high], got {value!r}")
+        raise ValueError(f"{where} must be a pair [low, high], got {value!r}.")
     return float(value[0]), float(value[1])
 
 
@@ -223,7 +238,9 @@ def load_budgets(path: str | Path = DEFAULT_BUDGETS) -> dict[str, Budget]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"attack budgets file {path} does not exist")
+        raise FileNotFoundError(
+            f"attack budgets file {path} does not exist; expected a YAML file of budgets."
+        )
     spec = yaml.safe_load(path.read_text()) or {}
     _check_keys(spec, TOP_KEYS, str(path))
     space = _search_space(spec.get("search_space") or {}, str(path))

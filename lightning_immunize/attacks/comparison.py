@@ -75,7 +75,10 @@ def load_card_run(method: str, seed: int, card_dir: str | Path, run_dir: str | P
     run_path = Path(run_dir) / "immunization.json"
     for path in (card_path, run_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
+            raise FileNotFoundError(
+                f"{path} does not exist; expected a card folder with card.json and a run "
+                "folder with immunization.json."
+            )
     return CardRun(
         method, seed, json.loads(card_path.read_text()), json.loads(run_path.read_text())
     )
@@ -108,7 +111,10 @@ def largest_advantage_budget(card: dict[str, Any], families: Sequence[str] = GOA
         if (gap := reference_advantage(card, budget, families)) is not None
     }
     if not gaps:
-        raise ValueError(f"no data budget of the card has every family of {list(families)}")
+        raise ValueError(
+            f"no data budget of the card has every family of {list(families)}; expected one "
+            "with all of them and a scratch model."
+        )
     return max(gaps, key=gaps.get)
 
 
@@ -153,7 +159,7 @@ def comparison_markdown(
     worst-case held-out metric of each family at ``marks`` for each method, θ_0 and scratch.
     """
     if not runs:
-        raise ValueError("no runs to compare")
+        raise ValueError(f"no runs to compare, got {list(runs)}; expected at least one.")
     methods = list(dict.fromkeys(r.method for r in runs))
     by_method = {m: [r for r in runs if r.method == m] for m in methods}
     lines = [

@@ -35,7 +35,10 @@ def default_families(model: nn.Module, budget: Budget) -> tuple[str, ...]:
     """The budget's families for this kind of model (``deep`` or ``linear``)."""
     kind = "linear" if isinstance(model, LinearExtractor) else "deep"
     if kind not in budget.families:
-        raise ValueError(f"budget {budget.name!r} lists no families for {kind} models")
+        raise ValueError(
+            f"budget {budget.name!r} lists no families for {kind} models; expected a "
+            f"{kind!r} entry in its families."
+        )
     return budget.families[kind]
 
 
@@ -73,7 +76,7 @@ def durability_card(
             larger than the data, or a split smaller than a batch size of the search space.
     """
     if "immunized" not in models or "reference" not in models:
-        raise ValueError(f"models must hold 'immunized' and 'reference', got {sorted(models)}")
+        raise ValueError(f"models must hold 'immunized' and 'reference', got {sorted(models)}.")
     families = tuple(map(family_name, families or default_families(models["immunized"], budget)))
     notes: list[str] = []
     studies = plan_studies(models, tasks, budget, families, notes)

@@ -33,7 +33,10 @@ def bootstrap_means(
     """
     shapes = {v.shape for v in values.values()}
     if len(shapes) != 1:
-        raise ValueError(f"models were re-run or scored differently: shapes {sorted(shapes)}")
+        raise ValueError(
+            f"models were re-run or scored differently, got shapes {sorted(shapes)}; expected "
+            "one (runs, samples) shape for every model."
+        )
     runs, samples = shapes.pop()
     rng = np.random.default_rng(seed)
     run_counts = rng.multinomial(runs, np.full(runs, 1.0 / runs), size=replicates)

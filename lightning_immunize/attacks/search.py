@@ -84,7 +84,10 @@ def check_storage(url: str) -> None:
         open_storage(url)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
         first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        raise ValueError(f"--storage {url}: cannot be opened ({first.strip()}).") from err
+        raise ValueError(
+            f"--storage {url}: cannot be opened ({first.strip()}); expected an Optuna storage "
+            "URL such as sqlite:///studies.db."
+        ) from err
 
 
 #: Seconds an SQLite writer waits for another process's lock before failing.

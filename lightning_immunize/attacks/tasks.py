@@ -74,7 +74,7 @@ def _stack(dataset) -> tuple[Tensor, Tensor]:
 def _num_outputs(task: str, num_classes: int | None) -> int:
     if task == "multiclass":
         if not num_classes or num_classes < 2:
-            raise ValueError(f"a multiclass task needs num_classes >= 2, got {num_classes!r}")
+            raise ValueError(f"a multiclass task needs num_classes >= 2, got {num_classes!r}.")
         return int(num_classes)
     return 1
 
@@ -202,7 +202,9 @@ def released_models(
         reference = LinearExtractor(width, width, init="identity").to(torch.float64)
         return {"immunized": immunized, "reference": reference}
     if theta_0 is None:
-        raise ValueError("a deep extractor's card needs θ_0 (the extractor before immunization)")
+        raise ValueError(
+            "a deep extractor's card needs θ_0 (the extractor before immunization), got None."
+        )
     scratch = random_weights(theta_0, seed)
     models = {
         "immunized": immunized,

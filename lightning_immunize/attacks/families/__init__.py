@@ -65,7 +65,10 @@ def prepare_network(extractor: nn.Module, family: str) -> nn.Module:
     chosen = get_family(family)
     chosen.check(extractor)
     if not isinstance(chosen, NetworkFamily):
-        raise ValueError(f"attacker family {family!r} does not train the network")
+        raise ValueError(
+            f"attacker family {family!r} does not train the network; expected one of "
+            f"{[n for n, f in FAMILY_REGISTRY.items() if isinstance(f, NetworkFamily)]}."
+        )
     return chosen.trainable_copy(extractor)
 
 

@@ -81,7 +81,7 @@ class AttackerFamily:
             raise ValueError(
                 f"attacker family {self.name!r} cannot attack the {name} model "
                 f"({type(extractor).__name__}); it supports "
-                f"{list(supported_families(extractor))}"
+                f"{list(supported_families(extractor))}."
             )
 
     def suggest(self, trial: Any, space: Any, batchnorm: bool) -> dict[str, Any]:
@@ -172,11 +172,12 @@ def register_family(cls: type[AttackerFamily]) -> type[AttackerFamily]:
         ValueError: no name, or a name registered by another class.
     """
     if not cls.name:
-        raise ValueError(f"{cls.__name__} has no family name")
+        raise ValueError(f"{cls.__name__}.name must be a non-empty family name, got {cls.name!r}.")
     existing = FAMILY_REGISTRY.get(cls.name)
     if existing is not None and type(existing) is not cls:
         raise ValueError(
-            f"attacker family {cls.name!r} is registered by {type(existing).__name__} already"
+            f"attacker family {cls.name!r} is registered by {type(existing).__name__} already; "
+            "expected a name no other family uses."
         )
     FAMILY_REGISTRY[cls.name] = cls()
     return cls

@@ -86,7 +86,8 @@ class FinetuneImmunized(NetworkFamily):
         if not trained_parameter_names(extractor):
             raise ValueError(
                 f"attacker family {self.name!r} trains the blocks the immunization trained, "
-                f"but {type(extractor).__name__} has no parameter with requires_grad"
+                f"but {type(extractor).__name__} has no parameter with requires_grad; expected "
+                "at least one."
             )
 
 
@@ -114,7 +115,7 @@ class Lora(FinetuneImmunized):
         if not lora_target_modules(extractor):
             raise ValueError(
                 f"attacker family 'lora' needs conv or linear layers in the trained blocks of "
-                f"{type(extractor).__name__}; found none"
+                f"{type(extractor).__name__}; found none."
             )
 
     def trainable_copy(self, extractor: nn.Module) -> nn.Module:
