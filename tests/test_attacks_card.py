@@ -17,6 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from support.attack_models import tiny_backbone, tiny_images, tiny_models
 from support.helpers import run_cli
 
 from lightning_immunize.attacks.attacker import (
@@ -44,21 +45,10 @@ needs_mnist = pytest.mark.skipif(
 _cli = partial(run_cli, timeout=600)  # 10 minutes a command here, not 5
 
 
-def _tiny_backbone(seed: int = 0) -> TimmBackbone:
-    return TimmBackbone("test_resnet", in_chans=1, num_classes=3, seed=seed, trainable=["layer4"])
-
-
-def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 1, 16, 16, generator=g) + y.view(-1, 1, 1, 1).float()
-    return x, y
-
-
 def _tiny_data(n_train: int = 64, name: str = "harmful") -> AttackData:
-    x, y = _images(n_train, 1)
-    xe, ye = _images(40, 2)
-    xs, ys = _images(40, 3)
+    x, y = tiny_images(n_train, 1)
+    xe, ye = tiny_images(40, 2)
+    xs, ys = tiny_images(40, 3)
     return AttackData(name, x, y, xe, ye, "multiclass", 3, xs, ys)
 
 
@@ -70,16 +60,6 @@ def _tiny_budget(trials: int = 3, horizon: int = 3, **kwargs) -> Budget:
         families={"deep": families, "linear": ("probe", "gd")}, space=space,
         reseeds=kwargs.pop("reseeds", 2), **kwargs,
     )  # fmt: skip
-
-
-def _tiny_models() -> dict[str, torch.nn.Module]:
-    reference = _tiny_backbone(0)
-    immunized = _tiny_backbone(0)
-    with torch.no_grad():
-        for p in immunized.parameters():
-            if p.requires_grad:
-                p.mul_(0.5)
-    return {"immunized": immunized, "reference": reference, "scratch": random_weights(reference)}
 
 
 # ------------------------------------------------------------------------------ attackers
@@ -111,7 +91,7 @@ def test_attacker_refuses_bad_settings(kwargs, match):
 
 @pytest.mark.parametrize("family", ["probe", "probe-whitened", "finetune-immunized", "lora"])
 def test_a_trial_is_reproducible_and_leaves_the_model_untouched(family):
-    model = _tiny_backbone()
+    model = tiny_backbone()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     attacker = Attacker(family, "adamw", 1e-2, 16, 10, seed=3)
     first = run_attack(model, _tiny_data(), attacker, {})
@@ -127,7 +107,7 @@ def test_a_trial_is_reproducible_and_leaves_the_model_untouched(family):
 def test_families_train_what_they_say_and_keep_frozen_batchnorm_in_eval():
     from lightning_immunize.models import keep_frozen_in_eval
 
-    model = _tiny_backbone()
+    model = tiny_backbone()
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("model.layer4") for n in trained)
     copy_ = prepare_network(model, "finetune-immunized")
@@ -147,8 +127,8 @@ def test_whitened_features_do_not_see_a_rescaling_of_the_features():
     whitening attacker trains on (up to a rotation: the Gram matrix is the same)."""
     from lightning_immunize.attacks.families import whitening
 
-    x, y = _images(64, 1)
-    xe, ye = _images(40, 2)
+    x, y = tiny_images(64, 1)
+    xe, ye = tiny_images(40, 2)
     z = x.flatten(1).double()[:, :32]
     scale = torch.logspace(0, -2, 32, dtype=torch.float64)
     mean, w = whitening(z)
@@ -183,7 +163,7 @@ def test_worst_case_and_advantage_removed():
 def test_three_models_get_identical_search_spaces_trial_counts_and_seeds(tmp_path):
     budget = _tiny_budget(trials=3)
     tasks = AttackTasks(_tiny_data())
-    card = durability_card(_tiny_models(), tasks, budget, tmp_path, progress=False)
+    card = durability_card(tiny_models(), tasks, budget, tmp_path, progress=False)
     rows = read_trials(tmp_path / "trials.csv")
     by_model: dict[str, list] = {}
     for row in rows:
@@ -209,7 +189,7 @@ def test_three_models_get_identical_search_spaces_trial_counts_and_seeds(tmp_pat
 
 
 def test_a_trial_reruns_from_its_trials_csv_row(tmp_path):
-    models = _tiny_models()
+    models = tiny_models()
     data = _tiny_data()
     durability_card(models, AttackTasks(data), _tiny_budget(), tmp_path, progress=False)
     for row in read_trials(tmp_path / "trials.csv")[::2]:
@@ -228,7 +208,7 @@ def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(
 ):
     import lightning_immunize.attacks.sweep as sweep
 
-    models, tasks, budget = _tiny_models(), AttackTasks(_tiny_data()), _tiny_budget(trials=4)
+    models, tasks, budget = tiny_models(), AttackTasks(_tiny_data()), _tiny_budget(trials=4)
     names = {id(m): n for n, m in models.items()}
     calls: list[tuple] = []
     real = sweep.run_attack
@@ -290,7 +270,7 @@ def _seconds_text(seconds: float) -> str:
 def test_cards_sharing_a_storage_reuse_only_the_studies_of_identical_models(tmp_path, monkeypatch):
     import lightning_immunize.attacks.sweep as sweep
 
-    models, tasks, budget = _tiny_models(), AttackTasks(_tiny_data()), _tiny_budget(trials=2)
+    models, tasks, budget = tiny_models(), AttackTasks(_tiny_data()), _tiny_budget(trials=2)
     real = sweep.run_attack
     calls: list[str] = []
 
@@ -303,7 +283,7 @@ def test_cards_sharing_a_storage_reuse_only_the_studies_of_identical_models(tmp_
     current = models
     durability_card(models, tasks, budget, tmp_path / "a", storage=url, progress=False)
     assert sorted(set(calls)) == ["immunized", "reference", "scratch"]
-    other = dict(models, immunized=_tiny_backbone(1))
+    other = dict(models, immunized=tiny_backbone(1))
     current, calls[:] = other, []
     durability_card(other, tasks, budget, tmp_path / "b", storage=url, progress=False)
     # two families, two trials and two re-runs each; θ_0 and scratch reused
@@ -343,13 +323,13 @@ def test_a_batch_larger_than_the_split_trains_on_every_sample_and_the_card_says_
     assert batch_size_for(12, 8, "finetune-all") == 8
     assert batch_size_for(12, 8, "gd") == 12
     notes: list[str] = []
-    plan_studies(_tiny_models(), AttackTasks(data), _tiny_budget(), ["probe"], notes)
+    plan_studies(tiny_models(), AttackTasks(data), _tiny_budget(), ["probe"], notes)
     assert notes == [
         "harmful with 12 training samples: the search space's batch size(s) [16] exceed them, "
         "so those trials train on all 12 samples each step"
     ]
     attacker = Attacker("finetune-all", "sgd", 0.01, 16, horizon=2, seed=0)
-    result = run_attack(_tiny_models()["immunized"], data, attacker)
+    result = run_attack(tiny_models()["immunized"], data, attacker)
     assert all(0.0 <= s <= 1.0 for s in result.scores)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from support.attack_models import tiny_backbone, tiny_images, tiny_models
 
 from lightning_immunize.attacks.attacker import AttackData, Attacker
 from lightning_immunize.attacks.budgets import Budget, SearchSpace, load_budgets
@@ -40,22 +41,14 @@ from lightning_immunize.attacks.search import (
     worst_case_search,
 )
 from lightning_immunize.attacks.sweep import AttackTasks, plan_studies
-from lightning_immunize.attacks.tasks import attack_tasks, ceiling_weights, random_weights
+from lightning_immunize.attacks.tasks import attack_tasks, random_weights
 from lightning_immunize.attacks.training import run_attack
-from lightning_immunize.models import TimmBackbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _backbone(seed: int = 0) -> TimmBackbone:
-    return TimmBackbone("test_resnet", in_chans=1, num_classes=3, seed=seed, trainable=["layer4"])
-
-
 def _images(n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 1, 16, 16, generator=g) * 3.0 + y.view(-1, 1, 1, 1).float() + shift
-    return x, y
+    return tiny_images(n, seed, scale=3.0, shift=shift)
 
 
 def _data(n_train: int = 48) -> AttackData:
@@ -73,22 +66,14 @@ def _budget(trials: int = 3, **kwargs) -> Budget:
 
 
 def _models() -> dict[str, torch.nn.Module]:
-    reference = _backbone(0)
-    immunized = _backbone(0)
-    with torch.no_grad():
-        for p in immunized.parameters():
-            if p.requires_grad:
-                p.mul_(0.5)
-    scratch = random_weights(reference)
-    return {"immunized": immunized, "reference": reference, "scratch": scratch,
-            "ceiling": ceiling_weights(reference, scratch, immunized)}  # fmt: skip
+    return tiny_models(ceiling=True)
 
 
 # ------------------------------------------------------------------------- BatchNorm
 
 
 def test_the_scratch_models_batchnorm_is_calibrated_when_the_attacker_chooses_so():
-    scratch = random_weights(_backbone(0))
+    scratch = random_weights(tiny_backbone(0))
     x, _ = _images(64, 5, shift=4.0)
     stem_bn = scratch.model.bn1  # frozen (only layer4 trains): TimmBackbone keeps it in eval
     assert float(stem_bn.running_mean.abs().max()) == 0.0
@@ -315,7 +300,7 @@ def test_the_ceiling_is_theta0_with_the_immunized_blocks_from_scratch():
 
 
 def test_the_frozen_prefix_is_computed_once_and_changes_nothing():
-    model = _backbone(0)
+    model = tiny_backbone(0)
     x, _ = _images(8, 4)
     prefix, rest = split_frozen_prefix(model, x[:2])
     assert not any(p.requires_grad for p in prefix.parameters())
