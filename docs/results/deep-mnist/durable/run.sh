@@ -5,8 +5,11 @@
 #    in 1, 10, 100, K = 3, every other setting its default (ours_sa: ours' cnn_mnist λs);
 #    the rule: the largest λ whose D_P held-out accuracy is within 1 point of θ_0's,
 #    scanning upwards and stopping at the first that is not.
-# 2. the `durable` card (configs/attack.yaml) of each method's run, seeds in order; all cards
-#    share one Optuna storage, so θ_0's and scratch's searches run once.
+# 2. the `durable` card (configs/attack.yaml) of each method's run, seeds in order, with the
+#    control of its seed (ours' config with every immunization term at 0: the same blocks, steps,
+#    optimizer and data order; with every term off, each method's training is that one); all
+#    cards share one Optuna storage, so θ_0's, scratch's, the ceiling's and a seed's control's
+#    searches run once.
 set -u
 work=${1:?work dir}; shift
 seeds=${*:-1 2 3}
@@ -54,13 +57,28 @@ for m in sophon tar ours_sa; do
   echo "$m: λ = ${chosen[$m]}" | tee -a "$work/selection.txt"
 done
 
+control() {  # control SEED → run folder of the λ = 0 fit of ours' config
+  local d="$work/fits/control-s$1"
+  mkdir -p "$d"
+  if [ ! -f "$d/done" ]; then
+    lightning-immunize fit --config configs/cnn_mnist.yaml --seed_everything "$1" \
+      --model.objective.init_args.lambda_harmful 0 --model.objective.init_args.lambda_pretrain 0 \
+      --trainer.default_root_dir "$d" --trainer.enable_progress_bar false > "$d/fit.log" 2>&1 \
+      || { echo "control fit $d failed"; exit 1; }
+    touch "$d/done"
+  fi
+  echo "$d/lightning_logs/version_0"
+}
+
 for seed in $seeds; do
+  ctrl=$(control "$seed") || exit 1
   for m in ours sophon tar ours_sa; do
     run=$(fit "$m" "${chosen[$m]}" "$seed") || exit 1
     out="$work/cards/$m-s$seed"
     [ -f "$out/card.json" ] && continue
     start=$(date +%s)
-    lightning-immunize attack "$run" --budget durable --storage "$storage" --out "$out" --no-progress \
+    lightning-immunize attack "$run" --budget durable --control "$ctrl" --storage "$storage" \
+      --out "$out" --no-progress \
       > "$work/cards/$m-s$seed.log" 2>&1 || { echo "card $out failed"; exit 1; }
     echo "$m seed $seed card: $(( $(date +%s) - start )) s" | tee -a "$work/cards/times.txt"
   done
