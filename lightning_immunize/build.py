@@ -33,7 +33,6 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_immunize.callbacks.last_checkpoint import LastCheckpoint
-from lightning_immunize.callbacks.pretrain import PretrainFromScratch
 from lightning_immunize.callbacks.report import ImmunizationReport
 from lightning_immunize.callbacks.theta0 import Theta0Setup
 from lightning_immunize.datamodules import PairedDataModule
@@ -332,24 +331,24 @@ def resolve_theta0(source: Theta0 | None, trainer: pl.Trainer) -> Theta0:
     """The config's θ_0 source, put at the head of ``trainer``'s callbacks (a
     :class:`~lightning_immunize.callbacks.theta0.Theta0Setup`), so it runs before any other.
 
-    A deprecated ``PretrainFromScratch`` among the callbacks is taken out and becomes the
-    source; ``None`` and no such callback: :class:`~lightning_immunize.theta0.AsBuilt`.
+    A ``Theta0Setup`` already among the callbacks (the deprecated ``PretrainFromScratch`` is
+    one) is taken out and its source used; ``None`` and no such callback:
+    :class:`~lightning_immunize.theta0.AsBuilt`.
 
     Raises:
-        ConfigError: the config has both a ``theta0:`` group and a ``PretrainFromScratch``.
+        ConfigError: the config says twice how θ_0 is obtained (a ``theta0:`` group and such
+            a callback, or two callbacks).
     """
-    legacy = [cb for cb in trainer.callbacks if isinstance(cb, PretrainFromScratch)]
-    if legacy:
-        if source is not None or len(legacy) > 1:
-            raise ConfigError(
-                "The config says twice how θ_0 is obtained (a theta0: group and a "
-                "PretrainFromScratch callback, or two such callbacks); expected one theta0: "
-                "group."
-            )
-        source = legacy[0].source
-    trainer.callbacks[:] = [
-        cb for cb in trainer.callbacks if not isinstance(cb, PretrainFromScratch | Theta0Setup)
-    ]
+    listed = [cb for cb in trainer.callbacks if isinstance(cb, Theta0Setup)]
+    if len(listed) + (source is not None) > 1:
+        raise ConfigError(
+            "The config says twice how θ_0 is obtained (a theta0: group and a "
+            f"{type(listed[0]).__name__} callback, or two such callbacks); expected one theta0: "
+            "group."
+        )
+    if listed:
+        source = listed[0].source
+        trainer.callbacks.remove(listed[0])
     source = source if source is not None else AsBuilt()
     trainer.callbacks.insert(0, Theta0Setup(source))
     return source
@@ -379,9 +378,9 @@ def load_run(
     run_report: str | Path | None = None,
     allow_data_mismatch: bool = False,
 ) -> TrainedRun:
-    """A run's module with the checkpoint's weights, and θ_0 (``PretrainFromScratch``'s cached
-    network when the config trains θ_0 from scratch, else the extractor as the config builds
-    it: pretrained weights or its checkpoint path).
+    """A run's module with the checkpoint's weights, and θ_0 as the config's ``theta0:`` says
+    (the cached network when it trains θ_0 from scratch, a checkpoint's weights, else the
+    extractor as the config builds it: pretrained weights or its checkpoint path).
 
     Args:
         config: the run's config (its ``config.yaml``, or another).

@@ -45,18 +45,31 @@ def _info(message: str) -> None:
 
 class Theta0:
     """How θ_0 is obtained: :meth:`apply` puts it into ``module.extractor`` and
-    ``module.head``. Subclass it for another source.
+    ``module.head``. Subclass it for another source and implement :meth:`load`.
 
     Attributes:
-        info: after :meth:`apply`, what was done (a source's own keys).
+        info: after :meth:`apply`, what was done (a source's own keys) and ``fingerprint``,
+            of the θ_0 weights: applying again to a module that already holds them (built
+            before a fit, then the fit's setup) does nothing.
     """
 
     def __init__(self) -> None:
         self.info: dict[str, Any] = {}
 
     def apply(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
-        """Make ``module``'s extractor and head θ_0; ``trainer`` (when a fit runs) lets rank 0
-        do the work under DDP while the others wait. Returns :attr:`info`."""
+        """Make ``module``'s extractor and head θ_0, unless they are already; ``trainer`` (when
+        a fit runs) lets rank 0 do the work under DDP while the others wait. Returns
+        :attr:`info`."""
+        if self.info and state_fingerprint(module.extractor, module.head) == self.info.get(
+            "fingerprint"
+        ):
+            return self.info
+        self.info = self.load(module, datamodule, trainer)
+        self.info["fingerprint"] = state_fingerprint(module.extractor, module.head)
+        return self.info
+
+    def load(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
+        """Put θ_0 into ``module``; returns what was done, for :attr:`info`."""
         raise NotImplementedError
 
 
@@ -64,9 +77,8 @@ class AsBuilt(Theta0):
     """θ_0 is the extractor as its config builds it (timm's pretrained weights with
     ``pretrained: true``, its ``checkpoint_path``, or a linear extractor's ``init``)."""
 
-    def apply(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
-        self.info = {"source": "as built"}
-        return self.info
+    def load(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
+        return {"source": "as built"}
 
 
 class FromCheckpoint(Theta0):
@@ -87,7 +99,7 @@ class FromCheckpoint(Theta0):
         self.path = Path(path)
         self.strict = strict
 
-    def apply(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
+    def load(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"θ_0 checkpoint {self.path} not found; expected a Lightning checkpoint or a "
@@ -103,8 +115,7 @@ class FromCheckpoint(Theta0):
         module.extractor.load_state_dict(state["extractor"], strict=self.strict)
         if state.get("head") and module.head is not None:
             module.head.load_state_dict(state["head"], strict=self.strict)
-        self.info = {"source": "checkpoint", "path": str(self.path)}
-        return self.info
+        return {"source": "checkpoint", "path": str(self.path)}
 
 
 class FromScratch(Theta0):
@@ -189,12 +200,7 @@ class FromScratch(Theta0):
         x_val, y_val, _, _ = datamodule.full_tensors("val")
         return theta0_key(module.extractor, module.head, self.recipe, (x, y, x_val, y_val))
 
-    def apply(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
-        if (
-            self.info
-            and state_fingerprint(module.extractor, module.head) == self.info["fingerprint"]
-        ):
-            return self.info  # already θ_0 (applied before fit, then again in setup)
+    def load(self, module: nn.Module, datamodule: Any, trainer: Any = None) -> dict[str, Any]:
         datamodule.setup("fit")
         key = self.cache_key(module, datamodule)
         path = self.directory / f"theta0-{key}.pt"
@@ -212,13 +218,10 @@ class FromScratch(Theta0):
         state = torch.load(path, map_location="cpu", weights_only=True)
         module.extractor.load_state_dict(state["extractor"])
         module.head.load_state_dict(state["head"])
-        self.info = {"path": str(path), "key": key, "cached": cached, **state["info"]}
-        self.info["fingerprint"] = state_fingerprint(module.extractor, module.head)
         if cached:
-            _info(
-                f"θ_0 loaded from cache {path} (held-out accuracy {self.info['val_accuracy']:.4f})"
-            )
-        return self.info
+            accuracy = state["info"]["val_accuracy"]
+            _info(f"θ_0 loaded from cache {path} (held-out accuracy {accuracy:.4f})")
+        return {"path": str(path), "key": key, "cached": cached, **state["info"]}
 
     def _train_and_save(self, module: nn.Module, datamodule: Any, path: Path, key: str) -> None:
         x, y, _, _ = datamodule.full_tensors("train")

@@ -86,3 +86,35 @@ def test_from_scratch_refuses_a_bad_recipe_naming_the_values():
         FromScratch(epochs=3, max_epochs=2)
     with pytest.raises(ValueError, match="got 97"):
         FromScratch(min_accuracy=97)
+
+
+def test_a_theta0_setup_listed_among_the_callbacks_is_the_source_not_dropped(tmp_path):
+    module = ImmunizationModule(LinearExtractor(64, 64, seed=3), LinearHead(64, 1, "binary"))
+    torch.save({"state_dict": module.state_dict()}, tmp_path / "theta0.ckpt")
+    source = {"class_path": "lightning_immunize.theta0.FromCheckpoint",
+              "init_args": {"path": str(tmp_path / "theta0.ckpt")}}  # fmt: skip
+    listed = [{"class_path": "lightning_immunize.callbacks.theta0.Theta0Setup",
+               "init_args": {"source": source}}]  # fmt: skip
+    cli = instantiate(
+        [
+            "--config",
+            str(_digits_config(tmp_path)),
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            yaml.safe_dump(listed),
+        ]  # fmt: skip
+    )
+    assert isinstance(cli.theta0, FromCheckpoint)
+    assert sum(isinstance(cb, Theta0Setup) for cb in cli.trainer.callbacks) == 1
+
+
+def test_applying_theta0_again_to_a_module_that_holds_it_loads_nothing(tmp_path, monkeypatch):
+    module = ImmunizationModule(LinearExtractor(4, 4, seed=1), LinearHead(4, 1, "binary"))
+    torch.save({"state_dict": module.state_dict()}, tmp_path / "theta0.ckpt")
+    target = ImmunizationModule(LinearExtractor(4, 4, seed=2), LinearHead(4, 1, "binary"))
+    source = FromCheckpoint(tmp_path / "theta0.ckpt")
+    info = source.apply(target, None)
+    assert torch.equal(target.extractor.linear.weight, module.extractor.linear.weight)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("θ_0 was loaded twice"))
+    assert source.apply(target, None) is info  # e.g. built before a fit, then in its setup
