@@ -53,17 +53,22 @@ def check_finite(t: Tensor, name: str, where: str = "") -> None:
     )
 
 
-def unknown_choice(what: str, value: object, choices: Iterable[object]) -> ValueError:
-    """The error for a ``value`` of ``what`` that is none of ``choices``, in the one wording
-    the package uses; ``value`` may be a list of bad values. Raise what it returns.
+def unknown_choice(
+    what: str, value: object, choices: Iterable[object], where: str | None = None
+) -> ValueError:
+    """The error for a ``value`` of ``what`` that is none of ``choices`` (read from ``where``,
+    e.g. a file), in the one wording the package uses; ``value`` may be a list of bad values.
+    Raise what it returns.
 
     Example:
         >>> raise unknown_choice("method", "ourz", ["ours", "opt"])
         Traceback (most recent call last):
         ...
         ValueError: unknown method 'ourz'; expected one of 'ours', 'opt'.
-        >>> print(unknown_choice("attacker family", ["x", "y"], ["probe"]))
-        unknown attacker family 'x', 'y'; expected one of 'probe'.
+        >>> print(unknown_choice("attacker family", ["x", "y"], ["probe"], where="attack.yaml"))
+        unknown attacker family 'x', 'y' in attack.yaml; expected one of 'probe'.
     """
     bad = ", ".join(map(repr, value)) if isinstance(value, list | tuple) else repr(value)
-    return ValueError(f"unknown {what} {bad}; expected one of {', '.join(map(repr, choices))}.")
+    found = f" in {where}" if where else ""
+    expected = ", ".join(map(repr, choices))
+    return ValueError(f"unknown {what} {bad}{found}; expected one of {expected}.")

@@ -188,7 +188,7 @@ def _check_keys(raw: Any, allowed: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where} must be a mapping, got {raw!r}.")
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise unknown_choice(f"key in {where}:", unknown, allowed)
+        raise unknown_choice("key", unknown, allowed, where=where)
 
 
 def _pair(value: Any, where: str) -> tuple[float, float]:
@@ -270,6 +270,5 @@ def load_budget(name: str, path: str | Path = DEFAULT_BUDGETS) -> Budget:
     """The budget ``name`` of a budgets file; ``ValueError`` naming the known ones otherwise."""
     budgets = load_budgets(path)
     if name not in budgets:
-        error = str(unknown_choice("attack budget", name, sorted(budgets)))
-        raise ValueError(f"{error[:-1]} (the budgets of {path}).")
+        raise unknown_choice("attack budget", name, sorted(budgets), where=str(path))
     return budgets[name]

@@ -106,7 +106,7 @@ def load_protocols(path: str | Path = DEFAULT_SPEC) -> dict[str, Any]:
     spec = yaml.safe_load(path.read_text())
     unknown = sorted(set(spec) - set(PROTOCOLS))
     if unknown:
-        raise unknown_choice(f"protocol in {path}:", unknown, PROTOCOLS)
+        raise unknown_choice("protocol", unknown, PROTOCOLS, where=str(path))
     for protocol in spec.values():
         methods = protocol.get("methods") or {}
         for old, new in LEGACY_METHODS.items():
