@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_immunize.fingerprints import fingerprint, named_fingerprint
 
 __all__ = [
+    "check_epochs",
     "default_cache_dir",
     "save_theta0",
     "state_fingerprint",
@@ -51,6 +52,15 @@ def _accuracy(extractor: nn.Module, head: nn.Module, X: Tensor, y: Tensor, batch
     return correct / max(1, X.shape[0])
 
 
+def check_epochs(epochs: int, max_epochs: int, who: str) -> None:
+    """A ``ValueError`` naming ``who`` unless ``1 <= epochs <= max_epochs``."""
+    if not 1 <= epochs <= max_epochs:
+        raise ValueError(
+            f"{who} needs 1 <= epochs <= max_epochs, got epochs={epochs} and "
+            f"max_epochs={max_epochs}."
+        )
+
+
 def train_classifier(
     extractor: nn.Module,
     head: nn.Module,
@@ -79,11 +89,7 @@ def train_classifier(
     Returns:
         ``{"val_accuracy": [per epoch], "epochs": int, "seconds": float}``.
     """
-    if not 1 <= epochs <= max_epochs:
-        raise ValueError(
-            f"train_classifier needs 1 <= epochs <= max_epochs, got epochs={epochs} and "
-            f"max_epochs={max_epochs}."
-        )
+    check_epochs(epochs, max_epochs, "train_classifier")
     params = [*extractor.parameters(), *head.parameters()]
     flags = [p.requires_grad for p in params]
     modes = {m: m.training for m in (*extractor.modules(), *head.modules())}

@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_immunize.distributed import world_size
 from lightning_immunize.pretraining import (
+    check_epochs,
     default_cache_dir,
     save_theta0,
     state_fingerprint,
@@ -167,11 +168,7 @@ class FromScratch(Theta0):
         require_accuracy: bool = True,
     ) -> None:
         super().__init__()
-        if not 1 <= epochs <= max_epochs:
-            raise ValueError(
-                f"FromScratch needs 1 <= epochs <= max_epochs, got epochs={epochs} and "
-                f"max_epochs={max_epochs}."
-            )
+        check_epochs(epochs, max_epochs, "FromScratch")
         if not 0.0 <= min_accuracy <= 1.0:
             raise ValueError(
                 f"FromScratch's min_accuracy must be in [0, 1] (a fraction), got {min_accuracy!r}."
