@@ -1,6 +1,9 @@
 #!/bin/bash
 # Issue 18's measurement, serial (2 CPU cores), resumable: a finished step is skipped.
 #   bash docs/results/deep-mnist/durable/run.sh WORK_DIR [SEEDS...]      (from the repo root)
+#   SELECTED="sophon=10 tar=10 ours_sa=10" bash .../run.sh WORK_DIR [SEEDS...]
+#      skips step 1 and uses these λs (issue 24's re-run: issue 18's selection, frozen).
+# Runs the package of the folder it is started from (python -m), not whichever is installed.
 # 1. selection on seed 1: for sophon, tar and ours_sa, λ (SOPHON's/TAR's λ_H, ours_sa's λ_A)
 #    in 1, 10, 100, K = 3, every other setting its default (ours_sa: ours' cnn_mnist λs);
 #    the rule: the largest λ whose D_P held-out accuracy is within 1 point of θ_0's,
@@ -35,7 +38,7 @@ fit() {  # fit METHOD LAMBDA SEED → run folder $work/fits/METHOD-λLAMBDA-sSEE
       extra=(--config "$d/objective.yaml" "${extra[@]}")
     fi
     local start=$(date +%s)
-    lightning-immunize fit --config configs/cnn_mnist.yaml "${extra[@]}" --seed_everything "$seed" \
+    python -m lightning_immunize.cli fit --config configs/cnn_mnist.yaml "${extra[@]}" --seed_everything "$seed" \
       --trainer.default_root_dir "$d" --trainer.enable_progress_bar false > "$d/fit.log" 2>&1 || { echo "fit $d failed"; exit 1; }
     echo $(( $(date +%s) - start )) > "$d/done"
   fi
@@ -47,7 +50,9 @@ within_one_point() {  # RUN → exit 0 when D_P held-out accuracy ≥ θ_0's −
 }
 
 declare -A chosen=([ours]=0)
+for pair in ${SELECTED:-}; do chosen[${pair%%=*}]=${pair#*=}; done
 for m in sophon tar ours_sa; do
+  if [ -n "${chosen[$m]:-}" ]; then echo "$m: λ = ${chosen[$m]} (given)" | tee -a "$work/selection.txt"; continue; fi
   chosen[$m]=""
   for lam in 1 10 100; do
     run=$(fit "$m" "$lam" 1) || exit 1
@@ -61,7 +66,7 @@ control() {  # control SEED → run folder of the λ = 0 fit of ours' config
   local d="$work/fits/control-s$1"
   mkdir -p "$d"
   if [ ! -f "$d/done" ]; then
-    lightning-immunize fit --config configs/cnn_mnist.yaml --seed_everything "$1" \
+    python -m lightning_immunize.cli fit --config configs/cnn_mnist.yaml --seed_everything "$1" \
       --model.objective.init_args.lambda_harmful 0 --model.objective.init_args.lambda_pretrain 0 \
       --trainer.default_root_dir "$d" --trainer.enable_progress_bar false > "$d/fit.log" 2>&1 \
       || { echo "control fit $d failed"; exit 1; }
@@ -77,7 +82,7 @@ for seed in $seeds; do
     out="$work/cards/$m-s$seed"
     [ -f "$out/card.json" ] && continue
     start=$(date +%s)
-    lightning-immunize attack "$run" --budget durable --control "$ctrl" --storage "$storage" \
+    python -m lightning_immunize.cli attack "$run" --budget durable --control "$ctrl" --storage "$storage" \
       --out "$out" --no-progress \
       > "$work/cards/$m-s$seed.log" 2>&1 || { echo "card $out failed"; exit 1; }
     echo "$m seed $seed card: $(( $(date +%s) - start )) s" | tee -a "$work/cards/times.txt"
