@@ -19,7 +19,11 @@ One step is what ``ImmunizationModule.training_step`` does, without a Trainer::
 * ``tar K=1|3``: :class:`~lightning_immunize.objectives.TamperResistanceObjective`
   (defaults; the entropy loss averaged over the K attack steps);
 * ``ours_sa K=3``: ours (as above) plus SOPHON's terms with K = 3
-  (:class:`~lightning_immunize.objectives.AttackerAwareConditionNumberObjective`).
+  (:class:`~lightning_immunize.objectives.AttackerAwareConditionNumberObjective`);
+* ``ours_kfac``: :class:`~lightning_immunize.objectives.LayerwiseConditionNumberObjective`
+  (λ_P = 0.1, λ_H = 1, every trainable conv and the head: 11 layers);
+* ``erasure``: :class:`~lightning_immunize.objectives.BlockErasureObjective` (λ_H = 1,
+  ``layer3``, ``layer4`` and the features).
 
 The model is the deep MNIST shape: timm ``resnet18``, ``in_chans=1``, 28×28 random "digits",
 10 classes, ``trainable=["layer3", "layer4"]``, SGD Nesterov (lr 1e-3), batch 64 per side, on
@@ -45,7 +49,9 @@ from lightning_immunize.models import TimmBackbone
 from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import (
     AttackerAwareConditionNumberObjective,
+    BlockErasureObjective,
     ConditionNumberObjective,
+    LayerwiseConditionNumberObjective,
     Objective,
     SimulatedAttackObjective,
     TamperResistanceObjective,
@@ -73,6 +79,8 @@ def objectives() -> dict[str, Callable[[], Objective | None]]:
         "ours_sa K=3": lambda: AttackerAwareConditionNumberObjective(
             3e-3, 1000.0, preconditioner="none", inner_steps=3
         ),
+        "ours_kfac": lambda: LayerwiseConditionNumberObjective(0.1, 1.0),
+        "erasure": lambda: BlockErasureObjective(1.0),
     }
 
 

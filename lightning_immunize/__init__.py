@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "SimulatedAttackObjective": "objectives",
     "TamperResistanceObjective": "objectives",
     "AttackerAwareConditionNumberObjective": "objectives",
+    "LayerwiseConditionNumberObjective": "objectives",
+    "BlockErasureObjective": "objectives",
     "OBJECTIVES": "objectives",
     "METHODS": "objectives",
     "make_objective": "objectives",

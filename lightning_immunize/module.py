@@ -129,7 +129,8 @@ class ImmunizationModule(pl.LightningModule):
         label_smoothing: passed to the head's loss.
         method: shortcut for ``objective``: the name of a registered objective
             (:data:`~lightning_immunize.objectives.OBJECTIVES`: ``ours``, ``rmax_only``,
-            ``opt``, ``imma``, ``sophon``, ``tar``, ``ours_sa``, and any added with
+            ``opt``, ``imma``, ``sophon``, ``tar``, ``ours_sa``, ``ours_kfac``, ``erasure``, and
+            any added with
             :func:`~lightning_immunize.objectives.register_objective`); give ``method`` or
             ``objective``, not both.
         method_args: the keyword arguments of ``method``'s objective, e.g.

@@ -5,7 +5,10 @@ attacker-aware methods, each one :class:`Objective`, all in one registry
 * :mod:`~lightning_immunize.objectives.base`: :class:`Objective` and :class:`ObjectiveHost`,
   what an objective may ask of the module;
 * :mod:`~lightning_immunize.objectives.ours`, :mod:`~lightning_immunize.objectives.baselines`,
-  :mod:`~lightning_immunize.objectives.attacker_aware`: the methods;
+  :mod:`~lightning_immunize.objectives.attacker_aware`,
+  :mod:`~lightning_immunize.objectives.layerwise`, :mod:`~lightning_immunize.objectives.erasure`:
+  the methods (the last two look inside the extractor through
+  :mod:`~lightning_immunize.objectives.taps`);
 * :mod:`~lightning_immunize.objectives.registry`: the method names.
 """
 
@@ -25,6 +28,8 @@ from lightning_immunize.objectives.baselines import (
     IMMAObjective,
     RMaxOnlyObjective,
 )
+from lightning_immunize.objectives.erasure import BlockErasureObjective
+from lightning_immunize.objectives.layerwise import LayerwiseConditionNumberObjective
 from lightning_immunize.objectives.ours import ConditionNumberObjective, input_rank
 from lightning_immunize.objectives.registry import (
     METHODS,
@@ -47,6 +52,8 @@ __all__ = [
     "SimulatedAttackObjective",
     "TamperResistanceObjective",
     "AttackerAwareConditionNumberObjective",
+    "LayerwiseConditionNumberObjective",
+    "BlockErasureObjective",
     "OBJECTIVES",
     "METHODS",
     "REFERENCE",

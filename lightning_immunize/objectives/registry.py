@@ -20,6 +20,8 @@ from lightning_immunize.objectives.baselines import (
     IMMAObjective,
     RMaxOnlyObjective,
 )
+from lightning_immunize.objectives.erasure import BlockErasureObjective
+from lightning_immunize.objectives.layerwise import LayerwiseConditionNumberObjective
 from lightning_immunize.objectives.ours import ConditionNumberObjective
 from lightning_immunize.validation import unknown_choice
 
@@ -41,7 +43,8 @@ REFERENCE = "reference"
 LEGACY_METHODS = {"identity": REFERENCE}
 
 #: Objectives selectable by name (``method:`` in configs), in table order: the baselines of
-#: Section 5, the attacker-aware methods, then ours and its attacker-aware variant.
+#: Section 5, the attacker-aware methods, ours and its attacker-aware variant, then the
+#: every-layer methods (ours on each layer's K-FAC factor; linear erasure at every block).
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "rmax_only": RMaxOnlyObjective,
     "imma": IMMAObjective,
@@ -50,6 +53,8 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "tar": TamperResistanceObjective,
     "ours": ConditionNumberObjective,
     "ours_sa": AttackerAwareConditionNumberObjective,
+    "ours_kfac": LayerwiseConditionNumberObjective,
+    "erasure": BlockErasureObjective,
 }
 
 #: Every method of a sweep, in table order: the unimmunized reference first. Kept in step

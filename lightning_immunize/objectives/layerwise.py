@@ -1,0 +1,196 @@
+r"""Eq. 11 on every layer: the condition number of each layer's K-FAC activation factor,
+with the diagonal divided out so that a per-coordinate optimizer (Adam) cannot undo it.
+
+K-FAC (Martens & Grosse, ICML 2015) approximates the Gauss–Newton block of a layer ``l`` by
+``A_l ⊗ G_l``: ``A_l = E[a aᵀ]``, the second moment of the layer's input ``a``, and ``G_l``
+that of the gradient at its output, so ``κ(block) = κ(A_l)·κ(G_l)``. The paper's feature
+covariance ``S = ZᵀZ/B`` (Definition 3.1, Eq. 11) is ``A`` of the classifier: its input is
+the features. A preconditioner that rescales coordinates — Adam's — removes the part of the
+ill-conditioning that lies on the diagonal; what it leaves is that of the *correlation*
+``C_l = D^{-1/2} A_l D^{-1/2}``, ``D = diag(A_l)``. Since ``tr C_l = dim C_l``, ``R_min`` and
+``R_max`` of a correlation matrix do not depend on the activations' scale either.
+
+**Convolutions.** An input ``(B, C, H, W)`` gives ``B·H·W`` rows of ``C`` channels: the
+channel factor of K-FAC for convolutions (Grosse & Martens, ICML 2016) without the kernel
+offsets, whose full factor has ``C·k²`` rows (``4608`` for a ResNet18 ``layer4`` conv).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_immunize.conditioning import feature_condition_number, feature_r_max, feature_r_min
+from lightning_immunize.distributed import gather_rows
+from lightning_immunize.objectives.base import (
+    Objective,
+    ObjectiveHost,
+    ObjectiveOutput,
+    check_lambda,
+)
+from lightning_immunize.objectives.taps import (
+    HEAD_INPUT,
+    check_weights,
+    recording,
+    tapped_layers,
+    trainable_layers,
+)
+
+__all__ = ["LayerwiseConditionNumberObjective", "activation_rows", "correlation_rows"]
+
+#: Layers whose input is channels-first.
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def activation_rows(a: Tensor, channels_first: bool) -> Tensor:
+    """A layer's input as the rows of its K-FAC activation factor, ``(N, C)``.
+
+    ``channels_first`` (convolutions): ``(B, C, *spatial)`` gives ``B·prod(spatial)`` rows;
+    otherwise (linear layers) the last dimension is the channel one, ``(B, T, C)`` giving
+    ``B·T`` rows and ``(B, C)`` ``B`` rows.
+
+    Example:
+        >>> tuple(activation_rows(torch.zeros(2, 3, 4, 5), channels_first=True).shape)
+        (40, 3)
+    """
+    if channels_first and a.ndim > 2:
+        return a.movedim(1, -1).reshape(-1, a.shape[1])
+    return a.reshape(-1, a.shape[-1])
+
+
+def correlation_rows(rows: Tensor, eps: float = 1e-6) -> Tensor:
+    r"""Rows ``R`` (N, C) scaled so that ``RᵀR`` is the correlation matrix
+    ``D^{-1/2} A D^{-1/2}`` of ``A = XᵀX/N``, in float64.
+
+    ``D = diag(A) + eps·mean(diag(A))``: a channel that is zero on the batch (a dead ReLU)
+    stays zero instead of dividing by zero, and the rank rule drops it.
+
+    Example:
+        >>> X = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+        >>> R = correlation_rows(X, eps=0.0)
+        >>> (R.T @ R).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    x = rows.to(torch.float64)
+    second = x.square().mean(dim=0)
+    scale = second + eps * second.mean()
+    return x / torch.sqrt(scale * x.shape[0])
+
+
+class LayerwiseConditionNumberObjective(Objective):
+    r"""Ours on every layer (``"ours_kfac"``): ``L(D_P) + Σ_l w_l [λ_P·R_min(C_l^P) +
+    λ_H·R_max(C_l^H)] / Σ_l w_l``, ``C_l`` the correlation matrix of layer ``l``'s input on
+    each side's batch (module docstring); ``R_min``, ``R_max`` as in Eq. 11, in float64 with
+    the numerical-rank rule. Gradients reach every trainable layer below ``l``.
+
+    With ``layers=["head"]`` and no diagonal (a whitened input) this is Eq. 11 itself; the
+    correlation makes it invariant to rescaling each feature.
+
+    Args:
+        lambda_pretrain: ``λ_P ≥ 0``, keeps D_P's correlations well conditioned.
+        lambda_harmful: ``λ_H ≥ 0``, makes D_H's ill-conditioned.
+        layers: layer names (as :class:`~lightning_immunize.models.TimmBackbone`'s
+            ``trainable``: ``"layer4.0.conv1"``), plus ``"head"`` for the classifier's input;
+            ``None``: every convolution and linear layer of the extractor whose weight is
+            trainable, then ``"head"``.
+        layer_weights: ``{name: w_l ≥ 0}``, 1 for a layer not given (per-layer λ: the early
+            layers feed D_P too).
+        eps: relative floor of the diagonal (dead channels).
+
+    Raises:
+        ValueError: for a negative λ or weight, an unknown layer (when the module is built),
+            or weights naming a layer not regularized.
+
+    Example:
+        >>> objective = LayerwiseConditionNumberObjective(lambda_harmful=10.0, layers=["head"])
+        >>> objective.name
+        'ours_kfac'
+    """
+
+    name = "ours_kfac"
+
+    def __init__(
+        self,
+        lambda_pretrain: float = 1.0,
+        lambda_harmful: float = 1.0,
+        layers: Sequence[str] | None = None,
+        layer_weights: Mapping[str, float] | None = None,
+        eps: float = 1e-6,
+    ) -> None:
+        self.lambda_pretrain = check_lambda("lambda_pretrain", lambda_pretrain)
+        self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
+        if isinstance(layers, str):
+            layers = [layers]
+        self.layers = None if layers is None else [str(n) for n in layers]
+        self.layer_weights = check_weights("layer_weights", layer_weights)
+        if not (isinstance(eps, int | float) and eps >= 0):
+            raise ValueError(f"eps must be a number ≥ 0, got {eps!r}.")
+        self.eps = float(eps)
+        self._names: list[str] | None = None
+
+    def prepare(self, module: ObjectiveHost) -> None:
+        """Resolve the layers once, so a wrong name fails when the module is built."""
+        self._names = self.resolved_layers(module)
+
+    def resolved_layers(self, module: ObjectiveHost) -> list[str]:
+        """The regularized layers' names, ``"head"`` (the features) last when included."""
+        names = self.layers
+        if names is None:
+            names = [*trainable_layers(module.extractor), HEAD_INPUT]
+        tapped_layers(module.extractor, names)
+        check_weights("layer_weights", self.layer_weights, names)
+        if not names:
+            raise ValueError(
+                "ours_kfac has no layer to regularize: the extractor has no trainable "
+                "convolution or linear layer and 'head' is not listed; expected layers=[...]."
+            )
+        return list(names)
+
+    def terms(self) -> list[tuple[str, str, float]]:
+        """``(side, regularizer, λ)`` of the active terms."""
+        terms = [
+            ("pretrain", "r_min", self.lambda_pretrain),
+            ("harmful", "r_max", self.lambda_harmful),
+        ]
+        return [t for t in terms if t[2] > 0]
+
+    def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
+        """One forward of each side with the layers' inputs recorded, then one backward of
+        the task loss plus every layer's terms."""
+        names = self._names if self._names is not None else self.resolved_layers(module)
+        inner = tapped_layers(module.extractor, names)
+        terms = self.terms()
+        sides = ["pretrain", *(["harmful"] if self.lambda_harmful > 0 else [])]
+        rows: dict[str, dict[str, Tensor]] = {}
+        features: dict[str, Tensor] = {}
+        for side in sides:
+            with recording(inner, "input") as seen:
+                features[side] = module.features(batch[side][0], side=side)
+            rows[side] = {
+                n: activation_rows(seen[n], isinstance(m, CONVOLUTIONS)) for n, m in inner.items()
+            }
+            if HEAD_INPUT in names:
+                rows[side][HEAD_INPUT] = features[side].reshape(features[side].shape[0], -1)
+        loss = module.task_loss(features["pretrain"], batch["pretrain"][1])
+        weights = {n: self.layer_weights.get(n, 1.0) for n in names}
+        total = sum(weights.values()) or 1.0
+        regularizer: Tensor | float = 0.0
+        values: dict[str, Tensor] = {}
+        logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
+        for side, kind, lam in terms:
+            side_term: Tensor | float = 0.0
+            log_kappa = 0.0
+            for n in names:
+                r = correlation_rows(gather_rows(rows[side][n]), self.eps)
+                value = feature_r_min(r) if kind == "r_min" else feature_r_max(r)
+                values[f"{kind} of layer {n} on {side}"] = value.detach()
+                side_term = side_term + (weights[n] / total) * value
+                log_kappa += float(torch.log(feature_condition_number(r.detach())))
+            regularizer = regularizer + lam * side_term
+            logs[kind] = side_term.detach() if isinstance(side_term, Tensor) else side_term
+            logs[f"mean_log_kappa_{side}"] = log_kappa / len(names)
+        module.manual_backward(loss + regularizer)
+        return ObjectiveOutput(loss=loss.detach(), logs=logs, terms=values)

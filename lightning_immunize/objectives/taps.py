@@ -1,0 +1,156 @@
+"""Which layers of an extractor an objective looks inside, and what flows through them.
+
+The every-block objectives (:mod:`.layerwise`, :mod:`.erasure`) regularize activations in the
+middle of the extractor, not only its output features. They name layers as
+:class:`~lightning_immunize.models.TimmBackbone`'s ``trainable`` does (relative to the timm
+model, ``"layer3"``, ``"layer4.0.conv1"``), or relative to the extractor for any other
+module, and record a layer's input or output with forward hooks during the forward the
+module runs anyway (:meth:`ObjectiveHost.features`), so no layer is run twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+from torch import Tensor, nn
+
+from lightning_immunize.models import TimmBackbone
+from lightning_immunize.objectives.base import check_lambda
+from lightning_immunize.validation import unknown_choice
+
+__all__ = [
+    "HEAD_INPUT",
+    "TAP_POINTS",
+    "check_weights",
+    "layer_root",
+    "recording",
+    "resolve_layers",
+    "tapped_layers",
+    "trainable_layers",
+]
+
+#: The name of the classifier's input (the extractor's output features) among the layers.
+HEAD_INPUT = "head"
+
+#: What a tap records: the layer's input (K-FAC's activation factor) or its output (a block's
+#: representation).
+TAP_POINTS = ("input", "output")
+
+
+def layer_root(extractor: nn.Module) -> nn.Module:
+    """The module layer names are relative to: a TimmBackbone's timm model (as its
+    ``trainable``), otherwise the extractor itself."""
+    return extractor.model if isinstance(extractor, TimmBackbone) else extractor
+
+
+def resolve_layers(extractor: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """``{name: sub-module}`` for ``names`` (relative to :func:`layer_root`), in order.
+
+    Raises:
+        ValueError: for no names, a repeated name, or a name that is not a sub-module; the
+            message lists the top-level children one may use.
+    """
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise ValueError("layers is empty; expected at least one layer name.")
+    root = layer_root(extractor)
+    found: dict[str, nn.Module] = {}
+    for name in names:
+        if name in found:
+            raise ValueError(f"layer {name!r} is named twice; expected each layer once.")
+        try:
+            found[name] = root.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(repr(n) for n, _ in root.named_children()) or "none"
+            raise ValueError(
+                f"layer {name!r} is not a sub-module of {type(root).__name__}; expected a "
+                f"dotted name under one of its children: {children}."
+            ) from None
+    return found
+
+
+def tapped_layers(extractor: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """:func:`resolve_layers` of ``names`` without :data:`HEAD_INPUT` (the features, which
+    the objective has without a hook); ``{}`` when that is all there is."""
+    inner = [n for n in names if n != HEAD_INPUT]
+    return resolve_layers(extractor, inner) if inner else {}
+
+
+def check_weights(
+    what: str, weights: Mapping[str, float] | None, names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """``weights`` (``{layer: w ≥ 0}``) as floats; with ``names``, also that each key is one
+    of them.
+
+    Raises:
+        TypeError: if ``weights`` is not a mapping.
+        ValueError: for a negative or non-finite weight, or a key not in ``names``.
+    """
+    if weights is None:
+        return {}
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"{what} must be a mapping of layer name to weight, got {weights!r}.")
+    checked = {str(k): check_lambda(f"{what}[{k!r}]", v) for k, v in weights.items()}
+    unknown = sorted(set(checked) - set(names)) if names is not None else []
+    if unknown:
+        raise ValueError(
+            f"{what} names {', '.join(map(repr, unknown))}, which are not regularized; "
+            f"expected some of {', '.join(map(repr, names or []))}."
+        )
+    return checked
+
+
+def trainable_layers(
+    extractor: nn.Module, kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+) -> list[str]:
+    """Names (relative to :func:`layer_root`) of the layers of type ``kinds`` whose weight is
+    trainable, in forward-definition order."""
+    root = layer_root(extractor)
+    return [
+        name
+        for name, m in root.named_modules()
+        if isinstance(m, kinds)
+        and getattr(m, "weight", None) is not None
+        and m.weight.requires_grad
+    ]
+
+
+@contextmanager
+def recording(layers: dict[str, nn.Module], point: str = "input") -> Iterator[dict[str, Tensor]]:
+    """Record each layer's ``point`` (``"input"``: its first positional argument, or
+    ``"output"``) during the forwards inside the block, in autograd's graph.
+
+    Yields a dict ``{name: tensor}`` filled as the forward runs (a layer run twice keeps its
+    last call). The hooks are removed on exit, even after an error.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+        >>> with recording(resolve_layers(net, ["1"]), "output") as seen:
+        ...     _ = net(torch.ones(4, 3))
+        >>> tuple(seen["1"].shape)
+        (4, 2)
+    """
+    if point not in TAP_POINTS:
+        raise unknown_choice("tap point", point, TAP_POINTS)
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name, layer in layers.items():
+        if point == "input":
+
+            def hook(_m, args, _out, name=name):
+                seen[name] = args[0]
+
+        else:
+
+            def hook(_m, _args, out, name=name):
+                seen[name] = out
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
