@@ -40,8 +40,8 @@ from lightning_immunize.attacks.search import (
     startup_design,
     worst_case_search,
 )
-from lightning_immunize.attacks.sweep import AttackTasks, plan_studies
-from lightning_immunize.attacks.tasks import attack_tasks, random_weights
+from lightning_immunize.attacks.sweep import CEILING_IS_SCRATCH, AttackTasks, plan_studies
+from lightning_immunize.attacks.tasks import attack_tasks, ceiling_weights, random_weights
 from lightning_immunize.attacks.training import run_attack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,6 +297,24 @@ def test_the_ceiling_is_theta0_with_the_immunized_blocks_from_scratch():
         assert torch.equal(ceiling_state[name], source.state_dict()[name]), name
     trainable = {n for n, p in ceiling.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in reference.named_parameters() if p.requires_grad}
+
+
+def test_with_every_block_immunized_the_ceiling_is_scratch_and_is_not_searched_twice():
+    reference = tiny_backbone(0)
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    immunized = _copy(reference)
+    scratch = random_weights(reference)
+    models = {"immunized": immunized, "reference": reference, "scratch": scratch,
+              "ceiling": ceiling_weights(reference, scratch, immunized)}  # fmt: skip
+    notes: list[str] = []
+    budget = _budget(families=("probe", "finetune-all"))
+    studies = plan_studies(models, AttackTasks(_data()), budget, budget.families["deep"], notes)
+    assert {s.model for s in studies} == {"immunized", "reference", "scratch"}
+    assert CEILING_IS_SCRATCH in notes
+    # With only layer4 immunized the ceiling differs from scratch and is searched.
+    partial = plan_studies(_models(), AttackTasks(_data()), budget, budget.families["deep"])
+    assert "ceiling" in {s.model for s in partial}
 
 
 def test_the_frozen_prefix_is_computed_once_and_changes_nothing():

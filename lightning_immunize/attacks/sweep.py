@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lightning_immunize.attacks.attacker import AttackData, full_batch_note, step_marks
@@ -105,6 +106,21 @@ def budget_label(data_budget: int | None) -> str:
     return "all" if data_budget is None else str(data_budget)
 
 
+#: The note of a card whose immunization trains every block of θ_0.
+CEILING_IS_SCRATCH = (
+    "ceiling not searched: the immunization trains every block, so θ_0 with those blocks "
+    "from scratch is the scratch model (a perfect immunization removes all of θ_0's head start)"
+)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold equal state dicts (names, shapes and values)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
 def plan_studies(
     models: dict[str, nn.Module],
     tasks: AttackTasks,
@@ -122,6 +138,14 @@ def plan_studies(
     notes.extend(tasks.notes)
     seed = budget.space.seed
     studies: list[Study] = []
+    skipped = set()
+    if (
+        "ceiling" in models
+        and "scratch" in models
+        and same_weights(models["ceiling"], models["scratch"])
+    ):
+        skipped.add("ceiling")
+        notes.append(CEILING_IS_SCRATCH)
     batchnorm = any(has_batchnorm(m) for m in models.values())
     smallest = min(budget.data_budgets, key=lambda b: float("inf") if b is None else b)
 
@@ -129,6 +153,8 @@ def plan_studies(
         subset = data.subset(data_budget, seed)
         for family in fams:
             for model in models:
+                if model in skipped:
+                    continue
                 if model in PARTIAL_MODELS and not (
                     condition == "resistance"
                     and data_budget == smallest
