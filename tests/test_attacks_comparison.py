@@ -13,6 +13,9 @@ from lightning_immunize.attacks.comparison import (
     largest_advantage_budget,
     load_card_run,
     reference_advantage,
+    removed_cell,
+    runs_markdown,
+    trainability_kept,
 )
 
 MARKS = [1, 3, 10, 30, 100, 300]
@@ -47,6 +50,48 @@ def test_the_goal_needs_every_finetuning_family_and_d_p_within_one_point():
     assert not goal_met(_run("m", 1, {**dict.fromkeys(ALL, 0.9), "lora": None}), "100")
     assert not goal_met(_run("m", 1, {"finetune-all": 0.9}), "100")  # families missing
     assert not goal_met(_run("m", 1, dict.fromkeys(ALL, 0.9)), "128")  # another budget
+
+
+def _with(run: CardRun, interval=None, trainability=None) -> CardRun:
+    card = json.loads(json.dumps(run.card))
+    if interval is not None:
+        for entry in card["resistance"]["100"].values():
+            entry["advantage_removed_interval"] = interval
+    if trainability is not None:
+        card["trainability"] = {"100": {"probe": trainability}}
+    return CardRun(run.method, run.seed, card, run.immunization)
+
+
+def test_the_goal_needs_each_interval_above_one_half_and_trainability_kept():
+    run = _run("m", 1, dict.fromkeys(ALL, 0.85))
+    assert goal_met(_with(run, interval=[0.6, 1.1]), "100")
+    assert not goal_met(_with(run, interval=[0.5, 1.1]), "100")  # the floor is exclusive
+    assert not goal_met(_with(run, interval=[-0.2, 1.9]), "100")  # a wide interval: not met
+    easy = {"advantage_removed": 0.1, "advantage_removed_interval": [-0.2, 0.3]}
+    ruined = {"advantage_removed": 0.9, "advantage_removed_interval": [0.6, 1.2]}
+    assert trainability_kept(run) is None
+    assert trainability_kept(_with(run, trainability=easy)) is True
+    assert goal_met(_with(run, interval=[0.6, 1.1], trainability=easy), "100")
+    assert trainability_kept(_with(run, trainability=ruined)) is False
+    assert not goal_met(_with(run, interval=[0.6, 1.1], trainability=ruined), "100")
+
+
+def test_a_cell_says_no_measurable_effect_when_its_interval_holds_zero():
+    assert (
+        removed_cell({"advantage_removed": 0.02, "advantage_removed_interval": [-0.07, 0.09]})
+        == "no measurable effect (0.02 [-0.07, 0.09])"
+    )
+    assert (
+        removed_cell({"advantage_removed": 0.15, "advantage_removed_interval": [0.09, 0.22]})
+        == "**0.15 [0.09, 0.22]**"
+    )
+    assert removed_cell({"advantage_removed": None}) == "—" and removed_cell(None) == "—"
+    assert removed_cell({"advantage_removed": 0.3}) == "0.30"  # a card without intervals
+    runs = [_with(_run("a", 1, dict.fromkeys(ALL, 0.9)), interval=[0.7, 1.0]),
+            _with(_run("a", 2, dict.fromkeys(ALL, 0.1)), interval=[-0.1, 0.3])]  # fmt: skip
+    text = runs_markdown(runs, "100", ALL)
+    assert "| a | 1 | -0.50 | **0.90 [0.70, 1.00]** |" in text and text.rstrip().endswith("| no |")
+    assert "| not measured | yes |" in text
 
 
 def test_the_tables_give_each_method_over_its_seeds_against_theta_0_and_scratch():

@@ -16,21 +16,26 @@ from lightning_immunize.attacks.comparison import (
     largest_advantage_budget,
     load_card_run,
     reference_advantage,
+    removed_cell,
+    runs_markdown,
 )
 
 HERE = Path(__file__).resolve().parent
-KEEP = ("card.md", "card.json", "trials.csv", "effort.png", "search.png")
+KEEP = ("card.md", "card.json", "trials.csv", "confirm.csv", "effort.png", "search.png")
 ORDER = ("ours", "sophon", "tar", "ours_sa")
 FAMILIES = ("probe", *GOAL_FAMILIES)
 
 
 def main(work: Path) -> None:
-    selection = dict(
-        line.split(": λ = ") for line in (work / "selection.txt").read_text().splitlines()
-    )
+    selection = {  # "sophon: λ = 10" or "sophon: λ = 10 (given)"
+        method: value.split()[0]
+        for method, value in (
+            line.split(": λ = ") for line in (work / "selection.txt").read_text().splitlines()
+        )
+    }
     runs = []
     for card_dir in sorted((work / "cards").glob("*-s[0-9]*")):
-        if not (card_dir / "card.json").is_file():
+        if card_dir.suffix or not (card_dir / "card.json").is_file():
             continue
         method, seed = re.fullmatch(r"(.+)-s(\d+)", card_dir.name).groups()
         fit = f"{method}-s{seed}" if method == "ours" else f"{method}-λ{selection[method]}-s{seed}"
@@ -40,7 +45,8 @@ def main(work: Path) -> None:
         dest = HERE / "cards" / card_dir.name
         dest.mkdir(parents=True, exist_ok=True)
         for name in KEEP:
-            shutil.copy2(card_dir / name, dest / name)
+            if (card_dir / name).is_file():
+                shutil.copy2(card_dir / name, dest / name)
         shutil.copy2(run_dir / "immunization.json", dest / "immunization.json")
         objective = work / "fits" / fit / "objective.yaml"
         if objective.is_file():
@@ -54,6 +60,20 @@ def main(work: Path) -> None:
         title = f"## n = {budget} harmful images: θ_0's head start over scratch {gap:.3f}"
         title += " (the largest: the goal is judged here)" if budget == goal else ""
         parts.append(title + "\n\n" + comparison_markdown(runs, budget, FAMILIES))
+        parts.append("Per run, advantage removed against θ_0 with its 90 % interval:\n")
+        parts.append(runs_markdown(runs, budget, FAMILIES))
+        if any(r.family(f, budget) and "control" in r.family(f, budget)
+               for r in runs for f in GOAL_FAMILIES):  # fmt: skip
+            parts.append("Per run, against the control of its seed (the same fit, λ = 0):\n")
+            parts.append(runs_markdown(runs, budget, GOAL_FAMILIES, "advantage_removed_control"))
+            ceiling = [removed_cell(card["resistance"][budget].get(f), "head_start_in_blocks")
+                       for f in GOAL_FAMILIES]  # fmt: skip
+            parts.append(
+                "The ceiling (θ_0 with `layer3` + `layer4` from scratch): θ_0's head start held "
+                "by those blocks, "
+                + ", ".join(f"`{f}` {c}" for f, c in zip(GOAL_FAMILIES, ceiling, strict=True))
+                + ".\n"
+            )
     text = "\n".join(parts)
     (HERE / "summary.md").write_text(text)
     print(text)
