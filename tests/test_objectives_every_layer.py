@@ -9,26 +9,21 @@
 - ``erasure``: the held-out R² of a ridge probe against a direct (primal) formula, 1 for a
   linear read-out and about 0 for labels independent of the features, λ = 0 is the task
   loss exactly, its gradient is autograd's of the direct formula;
-- bad arguments named; both run a few Trainer steps on a tiny timm model with every block
-  trainable.
+- bad arguments named (a few Trainer steps of each: ``test_objectives_attacker_aware.py``).
 """
 
 from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from support.helpers import image_batch, tiny_timm_module
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from lightning_immunize.conditioning import feature_r_max, feature_r_min
-from lightning_immunize.datamodules import PairedDataModule
 from lightning_immunize.models import TimmBackbone
-from lightning_immunize.module import ImmunizationModule
 from lightning_immunize.objectives import (
-    OBJECTIVES,
     BlockErasureObjective,
     LayerwiseConditionNumberObjective,
 )
@@ -42,22 +37,6 @@ from lightning_immunize.objectives.taps import (
 )
 
 F64 = torch.float64
-
-
-def tiny_module(objective, trainable=None) -> ImmunizationModule:
-    torch.manual_seed(0)
-    backbone = TimmBackbone("test_resnet", in_chans=1, num_classes=5, seed=0, trainable=trainable)
-    module = ImmunizationModule(backbone, None, objective).train()
-    module.manual_backward = lambda loss: loss.backward()
-    return module
-
-
-def image_batch(seed: int = 0, b: int = 12):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        side: (torch.randn(b, 1, 16, 16, generator=gen), torch.randint(0, 5, (b,), generator=gen))
-        for side in ("pretrain", "harmful")
-    }
 
 
 def grads(module) -> dict[str, torch.Tensor]:
@@ -160,9 +139,9 @@ def test_ours_kfac_gradient_is_that_of_the_direct_formula(weights):
     objective = LayerwiseConditionNumberObjective(
         lambda_pretrain=0.5, lambda_harmful=2.0, layers=layers, layer_weights=weights
     )
-    module = tiny_module(objective, trainable=["layer3", "layer4"])
+    module = tiny_timm_module(objective, trainable=["layer3", "layer4"])
     reference = copy.deepcopy(module)
-    batch = image_batch()
+    batch = image_batch(b=12)
     out = objective.backward(module, batch)
     direct = direct_kfac_loss(reference, batch, layers, 0.5, 2.0, weights)
     direct.backward()
@@ -177,9 +156,9 @@ def test_ours_kfac_gradient_is_that_of_the_direct_formula(weights):
 
 def test_ours_kfac_with_lambda_zero_is_the_task_loss_exactly():
     objective = LayerwiseConditionNumberObjective(lambda_pretrain=0.0, lambda_harmful=0.0)
-    module = tiny_module(objective, trainable=["layer4"])
+    module = tiny_timm_module(objective, trainable=["layer4"])
     reference = copy.deepcopy(module)
-    batch = image_batch()
+    batch = image_batch(b=12)
     objective.backward(module, batch)
     z = reference.features(batch["pretrain"][0])
     reference.task_loss(z, batch["pretrain"][1]).backward()
@@ -191,10 +170,10 @@ def test_ours_kfac_with_lambda_zero_is_the_task_loss_exactly():
 
 def test_ours_kfac_default_layers_are_the_trainable_ones_and_the_head():
     objective = LayerwiseConditionNumberObjective(lambda_harmful=1.0)
-    module = tiny_module(objective, trainable=["layer4"])
+    module = tiny_timm_module(objective, trainable=["layer4"])
     names = objective.resolved_layers(module)
     assert names[-1] == "head" and names[:-1] == trainable_layers(module.extractor)
-    objective.backward(module, image_batch())
+    objective.backward(module, image_batch(b=12))
     frozen = [n for n, p in module.extractor.named_parameters() if not p.requires_grad]
     assert frozen and all(dict(module.extractor.named_parameters())[n].grad is None for n in frozen)
 
@@ -206,12 +185,16 @@ def test_ours_kfac_refuses_bad_arguments_by_name():
         LayerwiseConditionNumberObjective(layer_weights=[1.0])
     with pytest.raises(ValueError, match=r"layer_weights\['head'\] must be a finite number"):
         LayerwiseConditionNumberObjective(layer_weights={"head": float("nan")})
+    with pytest.raises(ValueError, match=r"layers is empty .* expected layers=\[...\]"):
+        tiny_timm_module(LayerwiseConditionNumberObjective(layers=[]))
     with pytest.raises(ValueError, match="eps must be"):
         LayerwiseConditionNumberObjective(eps=-1.0)
     with pytest.raises(ValueError, match="layer 'layer9' is not a sub-module"):
-        tiny_module(LayerwiseConditionNumberObjective(layers=["layer9"]))
+        tiny_timm_module(LayerwiseConditionNumberObjective(layers=["layer9"]), trainable=None)
     with pytest.raises(ValueError, match="layer_weights names 'layer1', which are not"):
-        tiny_module(LayerwiseConditionNumberObjective(layers=["head"], layer_weights={"layer1": 1}))
+        tiny_timm_module(
+            LayerwiseConditionNumberObjective(layers=["head"], layer_weights={"layer1": 1})
+        )
 
 
 # -- erasure ------------------------------------------------------------------------------------
@@ -260,7 +243,7 @@ def test_label_matrix_and_pooling():
 def test_erasure_gradient_is_that_of_the_direct_formula():
     blocks = ["layer3", "layer4", "head"]
     objective = BlockErasureObjective(lambda_harmful=3.0, blocks=blocks, ridge=0.2)
-    module = tiny_module(objective, trainable=None)
+    module = tiny_timm_module(objective, trainable=None)
     reference = copy.deepcopy(module)
     batch = image_batch(b=16)
     out = objective.backward(module, batch)
@@ -291,10 +274,10 @@ def test_erasure_gradient_is_that_of_the_direct_formula():
 
 def test_erasure_with_lambda_zero_is_the_task_loss_exactly_and_default_blocks():
     objective = BlockErasureObjective(lambda_harmful=0.0)
-    module = tiny_module(objective, trainable=["layer3", "layer4"])
-    assert objective.resolved_blocks(module) == ["layer3", "layer4", "head"]
+    module = tiny_timm_module(objective, trainable=["layer3", "layer4"])
+    assert objective.resolved_layers(module) == ["layer3", "layer4", "head"]
     reference = copy.deepcopy(module)
-    batch = image_batch()
+    batch = image_batch(b=12)
     objective.backward(module, batch)
     reference.task_loss(reference.features(batch["pretrain"][0]), batch["pretrain"][1]).backward()
     got, want = grads(module), grads(reference)
@@ -309,35 +292,6 @@ def test_erasure_refuses_bad_arguments_by_name():
     with pytest.raises(ValueError, match="lambda_harmful must be a finite number ≥ 0"):
         BlockErasureObjective(lambda_harmful=float("inf"))
     with pytest.raises(ValueError, match="layer 'stage2' is not a sub-module"):
-        tiny_module(BlockErasureObjective(blocks=["stage2"]))
+        tiny_timm_module(BlockErasureObjective(blocks=["stage2"]), trainable=None)
     with pytest.raises(ValueError, match="block_weights names 'layer1', which are not"):
-        tiny_module(BlockErasureObjective(blocks=["layer4"], block_weights={"layer1": 2.0}))
-
-
-# -- both, in a Trainer -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("method", "method_args"),
-    [("ours_kfac", {"lambda_pretrain": 0.1, "lambda_harmful": 1.0}),
-     ("erasure", {"lambda_harmful": 1.0})],
-)  # fmt: skip
-def test_a_few_trainer_steps_with_every_block_trainable(method, method_args):
-    assert method in OBJECTIVES
-    torch.manual_seed(0)
-    backbone = TimmBackbone("test_resnet", in_chans=1, num_classes=5, seed=0, trainable=None)
-    module = ImmunizationModule(backbone, None, method=method, method_args=method_args)
-    before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    data = [
-        TensorDataset(torch.randn(24, 1, 16, 16, generator=gen), torch.randint(0, 5, (24,)))
-        for _ in range(2)
-    ]
-    dm = PairedDataModule(*data, batch_size=12, task="multiclass", num_classes=5, seed=0)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(module, dm)
-    assert trainer.global_step == 2
-    moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
-    assert any(n.startswith("extractor.model.conv1") for n in moved)
-    assert all(torch.isfinite(p).all() for p in module.parameters())
+        tiny_timm_module(BlockErasureObjective(blocks=["layer4"], block_weights={"layer1": 2.0}))

@@ -15,18 +15,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_immunize.distributed import gather_rows
 from lightning_immunize.objectives.base import (
-    Objective,
     ObjectiveHost,
     ObjectiveOutput,
     check_lambda,
 )
 from lightning_immunize.objectives.taps import (
     HEAD_INPUT,
-    check_weights,
+    LayerChoice,
+    LayeredObjective,
     layer_root,
     recording,
     tapped_layers,
@@ -108,7 +108,16 @@ def held_out_r2(h: Tensor, y: Tensor, ridge: float = 0.1) -> Tensor:
     return torch.stack(scores).mean()
 
 
-class BlockErasureObjective(Objective):
+def trainable_blocks(extractor: nn.Module) -> list[str]:
+    """The top-level children of the model (:func:`~.taps.layer_root`) that hold a trainable
+    parameter, then :data:`~.taps.HEAD_INPUT`: the default blocks of ``erasure``."""
+    root = layer_root(extractor)
+    names = [n for n, child in root.named_children()
+             if any(p.requires_grad for p in child.parameters())]  # fmt: skip
+    return [*names, HEAD_INPUT]
+
+
+class BlockErasureObjective(LayeredObjective):
     r"""Linear erasure at every depth (``"erasure"``): ``L(D_P) + λ_H·Σ_b w_b
     max(R²_b, 0) / Σ_b w_b``, ``R²_b`` the held-out ``R²`` (:func:`held_out_r2`) of a ridge
     probe from block ``b``'s pooled output on the D_H batch to D_H's labels. Gradients reach
@@ -146,33 +155,15 @@ class BlockErasureObjective(Objective):
         ridge: float = 0.1,
     ) -> None:
         self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
-        if isinstance(blocks, str):
-            blocks = [blocks]
-        self.blocks = None if blocks is None else [str(b) for b in blocks]
-        self.block_weights = check_weights("block_weights", block_weights)
+        self._choice = LayerChoice("blocks", blocks, block_weights)
+        self.blocks, self.block_weights = self._choice.names, self._choice.weights
         if not (isinstance(ridge, int | float) and ridge > 0):
             raise ValueError(f"ridge must be a number > 0, got {ridge!r}.")
         self.ridge = float(ridge)
-        self._names: list[str] | None = None
 
-    def prepare(self, module: ObjectiveHost) -> None:
-        """Resolve the blocks once, so a wrong name fails when the module is built."""
-        self._names = self.resolved_blocks(module)
-
-    def resolved_blocks(self, module: ObjectiveHost) -> list[str]:
-        """The probed blocks' names, ``"head"`` (the features) last when included."""
-        names = self.blocks
-        if names is None:
-            root = layer_root(module.extractor)
-            names = [
-                n
-                for n, child in root.named_children()
-                if any(p.requires_grad for p in child.parameters())
-            ]
-            names.append(HEAD_INPUT)
-        tapped_layers(module.extractor, names)
-        check_weights("block_weights", self.block_weights, names)
-        return list(names)
+    def default_layers(self, extractor: nn.Module) -> list[str]:
+        """:func:`trainable_blocks`."""
+        return trainable_blocks(extractor)
 
     def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
         """The D_P task loss, and (λ_H > 0) one D_H forward with the blocks' outputs recorded;
@@ -183,7 +174,7 @@ class BlockErasureObjective(Objective):
         values: dict[str, Tensor] = {}
         regularizer: Tensor | float = 0.0
         if self.lambda_harmful > 0:
-            names = self._names if self._names is not None else self.resolved_blocks(module)
+            names = self.chosen_layers(module)
             inner = tapped_layers(module.extractor, names)
             x_h, y_h = batch["harmful"]
             with recording(inner, "output") as seen:
@@ -192,14 +183,13 @@ class BlockErasureObjective(Objective):
             if HEAD_INPUT in names:
                 outputs[HEAD_INPUT] = z_h
             y = label_matrix(gather_rows(y_h, differentiable=False))
-            weights = {n: self.block_weights.get(n, 1.0) for n in names}
-            total = sum(weights.values()) or 1.0
+            fractions = self._choice.fractions(names)
             term: Tensor | float = 0.0
             for n in names:
                 r2 = held_out_r2(gather_rows(pooled(outputs[n])), y, self.ridge)
                 values[f"held-out R² of block {n} on harmful"] = r2.detach()
                 logs[f"r2_{n}"] = r2.detach()
-                term = term + (weights[n] / total) * r2.clamp(min=0.0)
+                term = term + fractions[n] * r2.clamp(min=0.0)
             logs["erasure"] = term.detach() if isinstance(term, Tensor) else term
             regularizer = self.lambda_harmful * term
         module.manual_backward(loss + regularizer)

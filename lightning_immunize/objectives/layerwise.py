@@ -26,14 +26,15 @@ from torch import Tensor, nn
 from lightning_immunize.conditioning import feature_condition_number, feature_r_max, feature_r_min
 from lightning_immunize.distributed import gather_rows
 from lightning_immunize.objectives.base import (
-    Objective,
     ObjectiveHost,
     ObjectiveOutput,
     check_lambda,
 )
+from lightning_immunize.objectives.ours import eq11_terms
 from lightning_immunize.objectives.taps import (
     HEAD_INPUT,
-    check_weights,
+    LayerChoice,
+    LayeredObjective,
     recording,
     tapped_layers,
     trainable_layers,
@@ -80,7 +81,7 @@ def correlation_rows(rows: Tensor, eps: float = 1e-6) -> Tensor:
     return x / torch.sqrt(scale * x.shape[0])
 
 
-class LayerwiseConditionNumberObjective(Objective):
+class LayerwiseConditionNumberObjective(LayeredObjective):
     r"""Ours on every layer (``"ours_kfac"``): ``L(D_P) + Σ_l w_l [λ_P·R_min(C_l^P) +
     λ_H·R_max(C_l^H)] / Σ_l w_l``, ``C_l`` the correlation matrix of layer ``l``'s input on
     each side's batch (module docstring); ``R_min``, ``R_max`` as in Eq. 11, in float64 with
@@ -122,45 +123,25 @@ class LayerwiseConditionNumberObjective(Objective):
     ) -> None:
         self.lambda_pretrain = check_lambda("lambda_pretrain", lambda_pretrain)
         self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
-        if isinstance(layers, str):
-            layers = [layers]
-        self.layers = None if layers is None else [str(n) for n in layers]
-        self.layer_weights = check_weights("layer_weights", layer_weights)
+        self._choice = LayerChoice("layers", layers, layer_weights)
+        self.layers, self.layer_weights = self._choice.names, self._choice.weights
         if not (isinstance(eps, int | float) and eps >= 0):
             raise ValueError(f"eps must be a number ≥ 0, got {eps!r}.")
         self.eps = float(eps)
-        self._names: list[str] | None = None
 
-    def prepare(self, module: ObjectiveHost) -> None:
-        """Resolve the layers once, so a wrong name fails when the module is built."""
-        self._names = self.resolved_layers(module)
-
-    def resolved_layers(self, module: ObjectiveHost) -> list[str]:
-        """The regularized layers' names, ``"head"`` (the features) last when included."""
-        names = self.layers
-        if names is None:
-            names = [*trainable_layers(module.extractor), HEAD_INPUT]
-        tapped_layers(module.extractor, names)
-        check_weights("layer_weights", self.layer_weights, names)
-        if not names:
-            raise ValueError(
-                "ours_kfac has no layer to regularize: the extractor has no trainable "
-                "convolution or linear layer and 'head' is not listed; expected layers=[...]."
-            )
-        return list(names)
+    def default_layers(self, extractor: nn.Module) -> list[str]:
+        """Every trainable convolution and linear layer of the extractor, then the head's
+        input."""
+        return [*trainable_layers(extractor), HEAD_INPUT]
 
     def terms(self) -> list[tuple[str, str, float]]:
         """``(side, regularizer, λ)`` of the active terms."""
-        terms = [
-            ("pretrain", "r_min", self.lambda_pretrain),
-            ("harmful", "r_max", self.lambda_harmful),
-        ]
-        return [t for t in terms if t[2] > 0]
+        return eq11_terms(self.lambda_pretrain, self.lambda_harmful)
 
     def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
         """One forward of each side with the layers' inputs recorded, then one backward of
         the task loss plus every layer's terms."""
-        names = self._names if self._names is not None else self.resolved_layers(module)
+        names = self.chosen_layers(module)
         inner = tapped_layers(module.extractor, names)
         terms = self.terms()
         sides = ["pretrain", *(["harmful"] if self.lambda_harmful > 0 else [])]
@@ -175,8 +156,7 @@ class LayerwiseConditionNumberObjective(Objective):
             if HEAD_INPUT in names:
                 rows[side][HEAD_INPUT] = features[side].reshape(features[side].shape[0], -1)
         loss = module.task_loss(features["pretrain"], batch["pretrain"][1])
-        weights = {n: self.layer_weights.get(n, 1.0) for n in names}
-        total = sum(weights.values()) or 1.0
+        fractions = self._choice.fractions(names)
         regularizer: Tensor | float = 0.0
         values: dict[str, Tensor] = {}
         logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
@@ -187,7 +167,7 @@ class LayerwiseConditionNumberObjective(Objective):
                 r = correlation_rows(gather_rows(rows[side][n]), self.eps)
                 value = feature_r_min(r) if kind == "r_min" else feature_r_max(r)
                 values[f"{kind} of layer {n} on {side}"] = value.detach()
-                side_term = side_term + (weights[n] / total) * value
+                side_term = side_term + fractions[n] * value
                 log_kappa += float(torch.log(feature_condition_number(r.detach())))
             regularizer = regularizer + lam * side_term
             logs[kind] = side_term.detach() if isinstance(side_term, Tensor) else side_term

@@ -45,7 +45,13 @@ from lightning_immunize.preconditioning import (
 from lightning_immunize.sides import SIDES
 from lightning_immunize.validation import unknown_choice
 
-__all__ = ["ConditionNumberObjective", "input_rank", "RANK_RULES", "COVARIANCE_ESTIMATORS"]
+__all__ = [
+    "ConditionNumberObjective",
+    "input_rank",
+    "eq11_terms",
+    "RANK_RULES",
+    "COVARIANCE_ESTIMATORS",
+]
 
 COVARIANCE_ESTIMATORS = ("batch", "ema")
 #: A kept spectrum with κ ≤ 1 + this is flat: R_max sits at its floor with a zero gradient
@@ -84,6 +90,13 @@ def input_rank(extractor: nn.Module, x: Tensor, width: int, rule: str = "auto") 
             "non-zero entry."
         )
     return rank
+
+
+def eq11_terms(lambda_pretrain: float, lambda_harmful: float) -> list[tuple[str, str, float]]:
+    """Eq. 11's regularizer terms ``(side, regularizer, λ)`` whose λ is not 0: ``R_min`` on
+    D_P, ``R_max`` on D_H."""
+    terms = [("pretrain", "r_min", lambda_pretrain), ("harmful", "r_max", lambda_harmful)]
+    return [t for t in terms if t[2] > 0]
 
 
 class ConditionNumberObjective(Objective):
@@ -176,11 +189,7 @@ class ConditionNumberObjective(Objective):
 
     def terms(self) -> list[tuple[str, str, float]]:
         """``(side, regularizer, λ)`` of the active terms."""
-        terms = [
-            ("pretrain", "r_min", self.lambda_pretrain),
-            ("harmful", "r_max", self.lambda_harmful),
-        ]
-        return [t for t in terms if t[2] > 0]
+        return eq11_terms(self.lambda_pretrain, self.lambda_harmful)
 
     def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
         """Eq. 11 by Algorithm 1: task loss + regularizers on the *global* batch (all ranks'

@@ -10,17 +10,19 @@ module runs anyway (:meth:`ObjectiveHost.features`), so no layer is run twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from torch import Tensor, nn
 
 from lightning_immunize.models import TimmBackbone
-from lightning_immunize.objectives.base import check_lambda
+from lightning_immunize.objectives.base import Objective, ObjectiveHost, check_lambda
 from lightning_immunize.validation import unknown_choice
 
 __all__ = [
     "HEAD_INPUT",
+    "LayerChoice",
+    "LayeredObjective",
     "TAP_POINTS",
     "check_weights",
     "layer_root",
@@ -154,3 +156,74 @@ def recording(layers: dict[str, nn.Module], point: str = "input") -> Iterator[di
     finally:
         for handle in handles:
             handle.remove()
+
+
+class LayerChoice:
+    """Which layers an every-layer objective regularizes, and each one's weight.
+
+    Args:
+        what: the argument's name, for messages (``"layers"``, ``"blocks"``).
+        names: layer names (:func:`resolve_layers`), :data:`HEAD_INPUT` for the features;
+            ``None``: the objective's default.
+        weights: ``{name: w ≥ 0}``, 1 for a layer not given.
+
+    Raises:
+        TypeError, ValueError: for bad weights (:func:`check_weights`).
+    """
+
+    def __init__(
+        self, what: str, names: Sequence[str] | str | None, weights: Mapping[str, float] | None
+    ) -> None:
+        self.what = what
+        if isinstance(names, str):
+            names = [names]
+        self.names = None if names is None else [str(n) for n in names]
+        self.weights = check_weights(f"{what[:-1]}_weights", weights)
+
+    def resolve(self, extractor: nn.Module, default: Callable[[nn.Module], list[str]]) -> list[str]:
+        """The names (``default(extractor)`` when none were given), each checked to exist,
+        and every weighted name checked to be one of them.
+
+        Raises:
+            ValueError: for an unknown layer, a weight of a layer not chosen, or no layer.
+        """
+        names = list(self.names) if self.names is not None else default(extractor)
+        if not names:
+            raise ValueError(
+                f"{self.what} is empty and the extractor offers no default one; expected "
+                f"{self.what}=[...] naming at least one layer or {HEAD_INPUT!r}."
+            )
+        tapped_layers(extractor, names)
+        check_weights(f"{self.what[:-1]}_weights", self.weights, names)
+        return names
+
+    def fractions(self, names: Sequence[str]) -> dict[str, float]:
+        """Each name's weight over the sum of the weights (0 for all when they sum to 0)."""
+        weights = {n: self.weights.get(n, 1.0) for n in names}
+        total = sum(weights.values())
+        return {n: (w / total if total > 0 else 0.0) for n, w in weights.items()}
+
+
+class LayeredObjective(Objective):
+    """An objective that regularizes a :class:`LayerChoice` of layers: it resolves them when
+    the module is built (a wrong name fails then, not at the first step) and offers
+    :meth:`default_layers` when none are given."""
+
+    _choice: LayerChoice
+    _names: list[str] | None = None
+
+    def default_layers(self, extractor: nn.Module) -> list[str]:
+        """The layers regularized when the configuration names none."""
+        raise NotImplementedError
+
+    def prepare(self, module: ObjectiveHost) -> None:
+        self._names = self.resolved_layers(module)
+
+    def resolved_layers(self, module: ObjectiveHost) -> list[str]:
+        """The regularized layers' names, :data:`HEAD_INPUT` (the features) last when
+        included."""
+        return self._choice.resolve(module.extractor, self.default_layers)
+
+    def chosen_layers(self, module: ObjectiveHost) -> list[str]:
+        """:meth:`resolved_layers`, as resolved by :meth:`prepare` when it ran."""
+        return self._names if self._names is not None else self.resolved_layers(module)

@@ -74,6 +74,36 @@ def fit_digits(root: Path, max_epochs: int, *extra: str) -> Path:
 
 
 # --------------------------------------------------------------------------- modules and fits
+def tiny_timm_module(
+    objective, trainable: list[str] | None = ("layer4",), seed: int = 0
+) -> ImmunizationModule:
+    """timm's ``test_resnet`` (one channel, 5 classes, weights seed 0, ``trainable`` blocks;
+    ``None``: all) with ``objective``, in training mode, whose ``manual_backward`` is a plain
+    ``loss.backward()`` (no Trainer). ``torch.manual_seed(seed)`` first."""
+    import torch
+
+    from lightning_immunize.models import TimmBackbone
+    from lightning_immunize.module import ImmunizationModule
+
+    torch.manual_seed(seed)
+    trainable = None if trainable is None else list(trainable)
+    backbone = TimmBackbone("test_resnet", in_chans=1, num_classes=5, seed=0, trainable=trainable)
+    module = ImmunizationModule(backbone, None, objective).train()
+    module.manual_backward = lambda loss: loss.backward()
+    return module
+
+
+def image_batch(seed: int = 0, b: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A paired batch of ``b`` random 16×16 one-channel images a side, labels in 0…4."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        side: (torch.randn(b, 1, 16, 16, generator=gen), torch.randint(0, 5, (b,), generator=gen))
+        for side in ("pretrain", "harmful")
+    }
+
+
 def linear_module(
     objective,
     d: int = 8,
