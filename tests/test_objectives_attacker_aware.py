@@ -537,7 +537,7 @@ def test_a_few_trainer_steps_on_a_tiny_timm_model(method, method_args):
         "tar": [*simulated, "harmful_negative_entropy"],
         "ours_sa": [*simulated, "harmful_kl_uniform", "r_max", "r_min", "kappa_harmful"],
         "ours_kfac": ["r_max", "r_min", "mean_log_kappa_harmful"],
-        "erasure": ["erasure", "r2_layer4", "r2_head"],
+        "erasure": ["erasure", "r2_layer4_batch", "r2_head_running"],
     }[method]
     outer = ["task_loss", *outer]
     for key in outer:

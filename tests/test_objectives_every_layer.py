@@ -137,7 +137,11 @@ def direct_kfac_loss(module, batch, layers, lam_p, lam_h, weights=None):
 def test_ours_kfac_gradient_is_that_of_the_direct_formula(weights):
     layers = ["layer4.0.conv1", "layer4.0.conv2", "head"]
     objective = LayerwiseConditionNumberObjective(
-        lambda_pretrain=0.5, lambda_harmful=2.0, layers=layers, layer_weights=weights
+        lambda_pretrain=0.5,
+        lambda_harmful=2.0,
+        layers=layers,
+        layer_weights=weights,
+        batchnorm="batch",
     )
     module = tiny_timm_module(objective, trainable=["layer3", "layer4"])
     reference = copy.deepcopy(module)
@@ -152,6 +156,19 @@ def test_ours_kfac_gradient_is_that_of_the_direct_formula(weights):
     sides = (("r_min", "pretrain"), ("r_max", "harmful"))
     assert set(out.terms) == {f"{k} of layer {n} on {s}" for n in layers for k, s in sides}
     assert all(torch.isfinite(torch.as_tensor(v)) for v in out.logs.values())
+
+
+def test_ours_kfac_running_batchnorm_uses_the_running_statistics_for_d_h():
+    objective = LayerwiseConditionNumberObjective(layers=["head"], batchnorm="running")
+    module = tiny_timm_module(objective, trainable=None)
+    batch = image_batch(b=12)
+    out = objective.backward(module, batch)
+    with torch.no_grad():
+        module.extractor.eval()
+        z = module.features(batch["harmful"][0], side="harmful")
+        module.extractor.train()
+    expected = feature_r_max(correlation_rows(z))
+    assert float(out.terms["r_max of layer head on harmful"]) == pytest.approx(float(expected))
 
 
 def test_ours_kfac_with_lambda_zero_is_the_task_loss_exactly():
@@ -242,7 +259,9 @@ def test_label_matrix_and_pooling():
 
 def test_erasure_gradient_is_that_of_the_direct_formula():
     blocks = ["layer3", "layer4", "head"]
-    objective = BlockErasureObjective(lambda_harmful=3.0, blocks=blocks, ridge=0.2)
+    objective = BlockErasureObjective(
+        lambda_harmful=3.0, blocks=blocks, ridge=0.2, batchnorm="batch"
+    )
     module = tiny_timm_module(objective, trainable=None)
     reference = copy.deepcopy(module)
     batch = image_batch(b=16)
@@ -270,6 +289,33 @@ def test_erasure_gradient_is_that_of_the_direct_formula():
     for n, r in zip(blocks, r2, strict=True):
         term = out.terms[f"held-out R² of block {n} on harmful"]
         assert float(term) == pytest.approx(float(r.detach()))
+
+
+def test_erasure_sees_d_h_with_its_own_and_with_the_running_batchnorm_statistics():
+    objective = BlockErasureObjective(lambda_harmful=1.0, blocks=["head"])
+    module = tiny_timm_module(objective, trainable=None)
+    batch = image_batch(b=16)
+    reference = copy.deepcopy(module)
+    with torch.no_grad():
+        reference.features(batch["pretrain"][0])  # the D_P forward moves BatchNorm's statistics
+    out = objective.backward(module, batch)
+    bn = module.extractor.model.bn1
+    assert torch.equal(bn.running_mean, reference.extractor.model.bn1.running_mean)  # D_H: not
+    assert module.training and bn.training  # modes restored
+    y = label_matrix(batch["harmful"][1])
+    with torch.no_grad():
+        batch_z = module.features(batch["harmful"][0], side="harmful")
+        module.extractor.eval()
+        running_z = module.features(batch["harmful"][0], side="harmful")
+        module.extractor.train()
+    for mode, z in (("batch", batch_z), ("running", running_z)):
+        got = out.terms[f"held-out R² of block head on harmful ({mode} BatchNorm)"]
+        assert float(got) == pytest.approx(float(held_out_r2(z, y, 0.1)), rel=1e-5)
+    assert set(out.logs) >= {"r2_head_batch", "r2_head_running", "erasure"}
+    with pytest.raises(ValueError, match="unknown batchnorm mode 'train'"):
+        BlockErasureObjective(batchnorm=["train"])
+    with pytest.raises(ValueError, match="names a mode twice"):
+        BlockErasureObjective(batchnorm=["batch", "batch"])
 
 
 def test_erasure_with_lambda_zero_is_the_task_loss_exactly_and_default_blocks():

@@ -27,6 +27,8 @@ from lightning_immunize.objectives.taps import (
     HEAD_INPUT,
     LayerChoice,
     LayeredObjective,
+    batchnorm_mode,
+    check_batchnorm_modes,
     layer_root,
     recording,
     tapped_layers,
@@ -135,6 +137,9 @@ class BlockErasureObjective(LayeredObjective):
             that have a trainable parameter, then ``"head"``.
         block_weights: ``{name: w_b ≥ 0}``, 1 for a block not given.
         ridge: relative ridge of the probe (``ridge·tr(HᵀH)/C``), > 0.
+        batchnorm: how BatchNorm normalises the D_H forward (one forward each, the term
+            averaged): ``"batch"`` (its own statistics: an attacker who recalibrates
+            BatchNorm on harmful images) and/or ``"running"`` (D_P's: one who keeps them).
 
     Raises:
         ValueError: for a negative λ or weight, ``ridge ≤ 0``, or an unknown block (when the
@@ -153,6 +158,7 @@ class BlockErasureObjective(LayeredObjective):
         blocks: Sequence[str] | None = None,
         block_weights: Mapping[str, float] | None = None,
         ridge: float = 0.1,
+        batchnorm: Sequence[str] | str = ("batch", "running"),
     ) -> None:
         self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
         self._choice = LayerChoice("blocks", blocks, block_weights)
@@ -160,14 +166,15 @@ class BlockErasureObjective(LayeredObjective):
         if not (isinstance(ridge, int | float) and ridge > 0):
             raise ValueError(f"ridge must be a number > 0, got {ridge!r}.")
         self.ridge = float(ridge)
+        self.batchnorm = list(check_batchnorm_modes(batchnorm))
 
     def default_layers(self, extractor: nn.Module) -> list[str]:
         """:func:`trainable_blocks`."""
         return trainable_blocks(extractor)
 
     def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
-        """The D_P task loss, and (λ_H > 0) one D_H forward with the blocks' outputs recorded;
-        one backward of the sum."""
+        """The D_P task loss, and (λ_H > 0) one D_H forward per BatchNorm mode with the blocks'
+        outputs recorded; one backward of the sum."""
         z_p = module.features(batch["pretrain"][0], side="pretrain")
         loss = module.task_loss(z_p, batch["pretrain"][1])
         logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
@@ -177,19 +184,22 @@ class BlockErasureObjective(LayeredObjective):
             names = self.chosen_layers(module)
             inner = tapped_layers(module.extractor, names)
             x_h, y_h = batch["harmful"]
-            with recording(inner, "output") as seen:
-                z_h = module.features(x_h, side="harmful")
-            outputs = {n: seen[n] for n in inner}
-            if HEAD_INPUT in names:
-                outputs[HEAD_INPUT] = z_h
             y = label_matrix(gather_rows(y_h, differentiable=False))
             fractions = self._choice.fractions(names)
             term: Tensor | float = 0.0
-            for n in names:
-                r2 = held_out_r2(gather_rows(pooled(outputs[n])), y, self.ridge)
-                values[f"held-out R² of block {n} on harmful"] = r2.detach()
-                logs[f"r2_{n}"] = r2.detach()
-                term = term + fractions[n] * r2.clamp(min=0.0)
+            for mode in self.batchnorm:
+                with batchnorm_mode(module.extractor, mode), recording(inner, "output") as seen:
+                    z_h = module.features(x_h, side="harmful")
+                outputs = {n: seen[n] for n in inner}
+                if HEAD_INPUT in names:
+                    outputs[HEAD_INPUT] = z_h
+                single = len(self.batchnorm) == 1
+                for n in names:
+                    r2 = held_out_r2(gather_rows(pooled(outputs[n])), y, self.ridge)
+                    label = "" if single else f" ({mode} BatchNorm)"
+                    values[f"held-out R² of block {n} on harmful{label}"] = r2.detach()
+                    logs[f"r2_{n}" if single else f"r2_{n}_{mode}"] = r2.detach()
+                    term = term + fractions[n] * r2.clamp(min=0.0) / len(self.batchnorm)
             logs["erasure"] = term.detach() if isinstance(term, Tensor) else term
             regularizer = self.lambda_harmful * term
         module.manual_backward(loss + regularizer)

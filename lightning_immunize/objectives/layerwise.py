@@ -35,6 +35,8 @@ from lightning_immunize.objectives.taps import (
     HEAD_INPUT,
     LayerChoice,
     LayeredObjective,
+    batchnorm_mode,
+    check_batchnorm_modes,
     recording,
     tapped_layers,
     trainable_layers,
@@ -100,6 +102,10 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
         layer_weights: ``{name: w_l ≥ 0}``, 1 for a layer not given (per-layer λ: the early
             layers feed D_P too).
         eps: relative floor of the diagonal (dead channels).
+        batchnorm: how BatchNorm normalises the D_H forward (one forward each, the D_H term
+            averaged): ``"batch"`` (an attacker who recalibrates BatchNorm on harmful images)
+            and/or ``"running"`` (one who keeps D_P's statistics). D_P's forward is the
+            training one.
 
     Raises:
         ValueError: for a negative λ or weight, an unknown layer (when the module is built),
@@ -120,6 +126,7 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
         layers: Sequence[str] | None = None,
         layer_weights: Mapping[str, float] | None = None,
         eps: float = 1e-6,
+        batchnorm: Sequence[str] | str = ("batch", "running"),
     ) -> None:
         self.lambda_pretrain = check_lambda("lambda_pretrain", lambda_pretrain)
         self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
@@ -128,6 +135,7 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
         if not (isinstance(eps, int | float) and eps >= 0):
             raise ValueError(f"eps must be a number ≥ 0, got {eps!r}.")
         self.eps = float(eps)
+        self.batchnorm = list(check_batchnorm_modes(batchnorm))
 
     def default_layers(self, extractor: nn.Module) -> list[str]:
         """Every trainable convolution and linear layer of the extractor, then the head's
@@ -139,38 +147,43 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
         return eq11_terms(self.lambda_pretrain, self.lambda_harmful)
 
     def backward(self, module: ObjectiveHost, batch: Mapping[str, Any]) -> ObjectiveOutput:
-        """One forward of each side with the layers' inputs recorded, then one backward of
-        the task loss plus every layer's terms."""
+        """One forward of D_P and one of D_H per BatchNorm mode, the layers' inputs recorded,
+        then one backward of the task loss plus every layer's terms."""
         names = self.chosen_layers(module)
         inner = tapped_layers(module.extractor, names)
-        terms = self.terms()
-        sides = ["pretrain", *(["harmful"] if self.lambda_harmful > 0 else [])]
-        rows: dict[str, dict[str, Tensor]] = {}
+        forwards = [("pretrain", "batch")]
+        if self.lambda_harmful > 0:
+            forwards += [("harmful", mode) for mode in self.batchnorm]
+        rows: dict[tuple[str, str], dict[str, Tensor]] = {}
         features: dict[str, Tensor] = {}
-        for side in sides:
-            with recording(inner, "input") as seen:
-                features[side] = module.features(batch[side][0], side=side)
-            rows[side] = {
+        for side, mode in forwards:
+            with batchnorm_mode(module.extractor, mode), recording(inner, "input") as seen:
+                z = module.features(batch[side][0], side=side)
+            features.setdefault(side, z)
+            rows[side, mode] = {
                 n: activation_rows(seen[n], isinstance(m, CONVOLUTIONS)) for n, m in inner.items()
             }
             if HEAD_INPUT in names:
-                rows[side][HEAD_INPUT] = features[side].reshape(features[side].shape[0], -1)
+                rows[side, mode][HEAD_INPUT] = z.reshape(z.shape[0], -1)
         loss = module.task_loss(features["pretrain"], batch["pretrain"][1])
         fractions = self._choice.fractions(names)
         regularizer: Tensor | float = 0.0
         values: dict[str, Tensor] = {}
         logs: dict[str, Tensor | float] = {"task_loss": loss.detach()}
-        for side, kind, lam in terms:
+        for side, kind, lam in self.terms():
+            modes = [mode for s, mode in forwards if s == side]
             side_term: Tensor | float = 0.0
             log_kappa = 0.0
-            for n in names:
-                r = correlation_rows(gather_rows(rows[side][n]), self.eps)
-                value = feature_r_min(r) if kind == "r_min" else feature_r_max(r)
-                values[f"{kind} of layer {n} on {side}"] = value.detach()
-                side_term = side_term + fractions[n] * value
-                log_kappa += float(torch.log(feature_condition_number(r.detach())))
+            for mode in modes:
+                label = "" if len(modes) == 1 else f" ({mode} BatchNorm)"
+                for n in names:
+                    r = correlation_rows(gather_rows(rows[side, mode][n]), self.eps)
+                    value = feature_r_min(r) if kind == "r_min" else feature_r_max(r)
+                    values[f"{kind} of layer {n} on {side}{label}"] = value.detach()
+                    side_term = side_term + fractions[n] * value / len(modes)
+                    log_kappa += float(torch.log(feature_condition_number(r.detach())))
             regularizer = regularizer + lam * side_term
             logs[kind] = side_term.detach() if isinstance(side_term, Tensor) else side_term
-            logs[f"mean_log_kappa_{side}"] = log_kappa / len(names)
+            logs[f"mean_log_kappa_{side}"] = log_kappa / (len(names) * len(modes))
         module.manual_backward(loss + regularizer)
         return ObjectiveOutput(loss=loss.detach(), logs=logs, terms=values)

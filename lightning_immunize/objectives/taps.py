@@ -11,16 +11,19 @@ module runs anyway (:meth:`ObjectiveHost.features`), so no layer is run twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from torch import Tensor, nn
 
-from lightning_immunize.models import TimmBackbone
+from lightning_immunize.models import TimmBackbone, evaluating
 from lightning_immunize.objectives.base import Objective, ObjectiveHost, check_lambda
 from lightning_immunize.validation import unknown_choice
 
 __all__ = [
+    "BATCHNORM_MODES",
     "HEAD_INPUT",
+    "batchnorm_mode",
+    "check_batchnorm_modes",
     "LayerChoice",
     "LayeredObjective",
     "TAP_POINTS",
@@ -34,6 +37,12 @@ __all__ = [
 
 #: The name of the classifier's input (the extractor's output features) among the layers.
 HEAD_INPUT = "head"
+
+#: How BatchNorm normalises a D_H forward: with the batch's own statistics (what an attacker
+#: who recalibrates BatchNorm on harmful images sees) or with the running ones from D_P (an
+#: attacker who keeps them); the durability card searches both.
+BATCHNORM_MODES = ("batch", "running")
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 #: What a tap records: the layer's input (K-FAC's activation factor) or its output (a block's
 #: representation).
@@ -117,6 +126,36 @@ def trainable_layers(
         and getattr(m, "weight", None) is not None
         and m.weight.requires_grad
     ]
+
+
+def check_batchnorm_modes(modes: Sequence[str] | str) -> tuple[str, ...]:
+    """``modes`` as a tuple of :data:`BATCHNORM_MODES`, each at most once.
+
+    Raises:
+        ValueError: for no mode, an unknown or a repeated one.
+    """
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes:
+        raise ValueError(f"batchnorm is empty; expected some of {BATCHNORM_MODES}.")
+    for mode in modes:
+        if mode not in BATCHNORM_MODES:
+            raise unknown_choice("batchnorm mode", mode, BATCHNORM_MODES)
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"batchnorm names a mode twice: {list(modes)}; expected each once.")
+    return modes
+
+
+@contextmanager
+def batchnorm_mode(module: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """``module`` with its BatchNorm layers normalising as ``mode`` says (``"batch"``: as
+    they are — batch statistics in training mode; ``"running"``: in eval mode, with their
+    running statistics); every other layer keeps its mode. Restored on exit."""
+    with ExitStack() as stack:
+        if mode == "running":
+            for m in module.modules():
+                if isinstance(m, BATCHNORMS):
+                    stack.enter_context(evaluating(m))
+        yield module
 
 
 @contextmanager
