@@ -34,7 +34,9 @@ objective_args() {  # objective_args CLASS KEYS λ → command-line arguments
              --model.objective.init_args.preconditioner none);;
     SimulatedAttackObjective) args+=(--model.objective.init_args.inner_steps 3
                                      --model.objective.init_args.seed 0);;
-    LayerwiseConditionNumberObjective|BlockErasureObjective) ;;
+    BlockErasureObjective)
+      args+=(--model.objective.init_args.blocks "[layer1, layer2, layer3, layer4, head]");;
+    LayerwiseConditionNumberObjective) ;;
   esac
   printf '%s\n' "${args[@]}"
 }
