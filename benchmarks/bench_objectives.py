@@ -1,7 +1,8 @@
 """Per-step wall time of each immunization objective against a plain fine-tuning step.
 
     python benchmarks/bench_objectives.py [--repeats 20] [--warmup 3] [--threads N]
-                                          [--plain both|pretrain] [--quick]
+                                          [--plain both|pretrain] [--trainable all]
+                                          [--only NAME ...] [--quick]
 
 One step is what ``ImmunizationModule.training_step`` does, without a Trainer::
 
@@ -21,16 +22,17 @@ One step is what ``ImmunizationModule.training_step`` does, without a Trainer::
 * ``ours_sa K=3``: ours (as above) plus SOPHON's terms with K = 3
   (:class:`~lightning_immunize.objectives.AttackerAwareConditionNumberObjective`);
 * ``ours_kfac``: :class:`~lightning_immunize.objectives.LayerwiseConditionNumberObjective`
-  (λ_P = 0.1, λ_H = 1, every trainable conv and the head: 11 layers);
+  (λ_P = 0.1, λ_H = 1, every trainable conv and the head: 11 layers (21 with every block));
 * ``erasure``: :class:`~lightning_immunize.objectives.BlockErasureObjective` (λ_H = 1,
   ``layer3``, ``layer4`` and the features).
 
 The model is the deep MNIST shape: timm ``resnet18``, ``in_chans=1``, 28×28 random "digits",
-10 classes, ``trainable=["layer3", "layer4"]``, SGD Nesterov (lr 1e-3), batch 64 per side, on
-the CPU. ``--quick`` checks that the script runs: timm ``test_resnet``, batch 8, 3 timed steps
-after 1 warm-up. Each repeat runs one step of every case back to back (each case on its own
-copy of the model, with its own optimizer), after ``--warmup`` untimed rounds; the table gives
-the medians and their ratio to the plain step.
+10 classes, ``trainable=["layer3", "layer4"]`` (``--trainable all``: every block), SGD
+Nesterov (lr 1e-3), batch 64 per side, on the CPU. ``--quick`` checks that the script runs:
+timm ``test_resnet``, batch 8, 3 timed steps after 1 warm-up. Each repeat runs one step of
+every case back to back (each case on its own copy of the model, with its own optimizer),
+after ``--warmup`` untimed rounds; the table gives the medians and their ratio to the plain
+step.
 """
 
 from __future__ import annotations
@@ -84,13 +86,15 @@ def objectives() -> dict[str, Callable[[], Objective | None]]:
     }
 
 
-def build(model_name: str, batch: int) -> tuple[ImmunizationModule, dict]:
+def build(
+    model_name: str, batch: int, trainable: list[str] | None = ("layer3", "layer4")
+) -> tuple[ImmunizationModule, dict]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     backbone = TimmBackbone(
         model_name,
         pretrained=False,
-        trainable=["layer3", "layer4"],
+        trainable=None if trainable is None else list(trainable),
         in_chans=1,
         num_classes=CLASSES,
         seed=0,
@@ -127,6 +131,18 @@ def main() -> None:
         "default) or the D_P side only (B samples)",
     )
     parser.add_argument(
+        "--trainable",
+        choices=("layer3+layer4", "all"),
+        default="layer3+layer4",
+        help="the blocks every case trains (and the every-layer objectives regularize)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="time only these cases (and plain), e.g. --only ours_kfac erasure",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: timm test_resnet, batch 8, 3 timed steps after 1 warm-up",
@@ -141,9 +157,16 @@ def main() -> None:
     model_name, batch_size = ("test_resnet", 8) if args.quick else ("resnet18", 64)
     plain_sides = ("pretrain", "harmful") if args.plain == "both" else ("pretrain",)
 
-    base, batch = build(model_name, batch_size)
+    trainable = None if args.trainable == "all" else ["layer3", "layer4"]
+    base, batch = build(model_name, batch_size, trainable)
+    cases = objectives()
+    unknown = sorted(set(args.only or []) - set(cases))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; expected some of {list(cases)}")
+    if args.only:
+        cases = {n: f for n, f in cases.items() if n == "plain" or n in args.only}
     steps: dict[str, Callable[[], None]] = {}
-    for name, make in objectives().items():
+    for name, make in cases.items():
         module = copy.deepcopy(base)
         objective = make()
         if objective is not None:
@@ -166,7 +189,7 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; timm {model_name} "
-        f"in_chans=1 28×28, trainable layer3+layer4; batch {batch_size} per side; median of "
+        f"in_chans=1 28×28, trainable {args.trainable}; batch {batch_size} per side; median of "
         f"{args.repeats} steps after {args.warmup} warm-up; plain step on "
         f"{' + '.join(plain_sides)}"
     )
