@@ -64,6 +64,7 @@ __all__ = [
     "feature_condition_number",
     "feature_r_min",
     "feature_r_max",
+    "feature_regularizer",
     "spectral_gradient",
     "feature_spectral_gradient",
 ]
@@ -78,6 +79,11 @@ _KINDS = ("r_min", "r_max")
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
 
 
 def _check_square(S: Tensor) -> Tensor:
@@ -203,24 +209,27 @@ def _regularizer(kind: str, sigma: Tensor, lam: Tensor, keep: Tensor, floor: flo
 
 
 def _spectral_parts(S64: Tensor, kind: str, rank: int | None, rtol: float, floor: float):
+    """``(R, c, λ, Q, κ)`` from one ``eigh``: κ over the same kept spectrum as R."""
     evals, evecs = torch.linalg.eigh(S64)
     sigma, lam, vecs = _sorted_spectrum(evals, evecs)
     keep = _kept(sigma, rank, rtol)
     value, coef = _regularizer(kind, sigma, lam, keep, floor)
-    return value, coef, lam, vecs
+    return value, coef, lam, vecs, _condition_from_sigma(sigma, keep)
 
 
 class _SpectralRegularizer(torch.autograd.Function):
-    """Forward: one ``eigh``; backward: the closed-form gradient ``Q diag(λ∘c) Qᵀ``."""
+    """Forward: one ``eigh``, giving R and (without a gradient) κ; backward: the closed-form
+    gradient ``Q diag(λ∘c) Qᵀ``."""
 
     @staticmethod
     def forward(ctx, S64: Tensor, kind: str, rank: int | None, rtol: float, floor: float):
-        value, coef, lam, vecs = _spectral_parts(S64, kind, rank, rtol, floor)
+        value, coef, lam, vecs, kappa = _spectral_parts(S64, kind, rank, rtol, floor)
         ctx.save_for_backward(coef * lam, vecs)
-        return value
+        ctx.mark_non_differentiable(kappa)
+        return value, kappa
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_kappa: Tensor | None):
         weights, vecs = ctx.saved_tensors
         grad = (vecs * (weights * grad_out.unsqueeze(-1)).unsqueeze(-2)) @ vecs.mT
         return grad, None, None, None, None
@@ -231,6 +240,12 @@ def _symmetrize(S64: Tensor) -> Tensor:
 
 
 def _apply(kind: str, S64: Tensor, rank: int | None, rtol: float, floor: float) -> Tensor:
+    return _apply_with_condition(kind, S64, rank, rtol, floor)[0]
+
+
+def _apply_with_condition(
+    kind: str, S64: Tensor, rank: int | None, rtol: float, floor: float
+) -> tuple[Tensor, Tensor]:
     return _SpectralRegularizer.apply(_symmetrize(S64), kind, rank, rtol, floor)
 
 
@@ -359,11 +374,10 @@ def spectral_gradient(
 
     Returns the value ``(...)`` and the symmetric gradient ``(..., K, K)``, both float64.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
+    _check_kind(kind)
     S64 = _check_square(S).detach()
     _check_rank(rank, S.shape[-1])
-    value, coef, lam, vecs = _spectral_parts(
+    value, coef, lam, vecs, _ = _spectral_parts(
         _symmetrize(S64), kind, rank, _default_rtol(rtol, S.shape[-1], S.dtype), floor
     )
     return value, (vecs * (coef * lam).unsqueeze(-2)) @ vecs.mT
@@ -416,6 +430,26 @@ def feature_r_max(
     return _apply("r_max", _feature_matrix(Z64), rank, tol, floor)
 
 
+def feature_regularizer(
+    Z: Tensor,
+    kind: str,
+    rank: int | None = None,
+    rtol: float | None = None,
+    floor: float = RMAX_FLOOR,
+) -> tuple[Tensor, Tensor]:
+    """``(R(ZᵀZ), κ(ZᵀZ))`` for ``kind`` in ``{"r_min", "r_max"}`` from one ``eigh``: R as
+    :func:`feature_r_min` / :func:`feature_r_max` (gradients flow to ``Z``), κ as
+    :func:`feature_condition_number` (no gradient), over the same kept spectrum.
+
+    >>> value, kappa = feature_regularizer(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), "r_min")
+    >>> float(value), float(kappa)  # S = diag(4, 1): R_min = ½·16 − 17/4
+    (3.75, 4.0)
+    """
+    _check_kind(kind)
+    Z64, tol = _feature_args(Z, rank, rtol)
+    return _apply_with_condition(kind, _feature_matrix(Z64), rank, tol, floor)
+
+
 def feature_spectral_gradient(
     Z: Tensor,
     kind: str,
@@ -431,14 +465,13 @@ def feature_spectral_gradient(
     On the Gram route ``∇_S R = Zᵀ A diag(c) Aᵀ Z`` with ``(μ, A)`` the eigenpairs of ``ZZᵀ``:
     an eigenvector ``a`` of ``ZZᵀ`` maps to ``u = Zᵀa/√μ`` and ``λ_i u_i u_iᵀ = Zᵀ a_i a_iᵀ Z``.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
+    _check_kind(kind)
     Z64, tol = _feature_args(Z, rank, rtol)
     Z64 = Z64.detach()
     if not _use_gram(Z64):
         value, grad_S = spectral_gradient(Z64.mT @ Z64, kind, rank=rank, rtol=tol, floor=floor)
         return value, grad_S if left is None else left.detach().to(DTYPE) @ grad_S
-    value, coef, _, vecs = _spectral_parts(_symmetrize(Z64 @ Z64.mT), kind, rank, tol, floor)
+    value, coef, _, vecs, _ = _spectral_parts(_symmetrize(Z64 @ Z64.mT), kind, rank, tol, floor)
     AtZ = vecs.mT @ Z64
     if left is None:
         return value, (AtZ.mT * coef.unsqueeze(-2)) @ AtZ

@@ -14,6 +14,7 @@ from lightning_immunize.conditioning import (
     feature_condition_number,
     feature_r_max,
     feature_r_min,
+    feature_regularizer,
     feature_spectral_gradient,
     r_max,
     r_min,
@@ -94,6 +95,24 @@ def test_spectral_gradient_matches_autograd(kind):
 
 
 # ----------------------------------------------------------------------------- routes
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (12, 10)])
+@pytest.mark.parametrize("kind", ["r_min", "r_max"])
+def test_feature_regularizer_is_the_regularizer_and_kappa_from_one_spectrum(shape, kind):
+    gen = torch.Generator().manual_seed(shape[0])
+    Z = torch.randn(*shape, generator=gen, dtype=F64, requires_grad=True)
+    value, kappa = feature_regularizer(Z, kind)
+    alone = (feature_r_min if kind == "r_min" else feature_r_max)(Z)
+    assert torch.equal(value, alone)  # κ: the same spectrum up to round-off (eigh, not eigvalsh)
+    torch.testing.assert_close(kappa, feature_condition_number(Z.detach()), rtol=1e-12, atol=0)
+    assert not kappa.requires_grad
+    (g1,) = torch.autograd.grad(value, Z)
+    (g2,) = torch.autograd.grad(alone, Z)
+    assert torch.equal(g1, g2)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        feature_regularizer(Z, "kappa")
+
 
 
 @pytest.mark.parametrize("shape", [(4, 10), (10, 10), (16, 10)])

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lightning_immunize.attacks.attacker import AttackData, full_batch_note, step_marks
@@ -113,14 +112,6 @@ CEILING_IS_SCRATCH = (
 )
 
 
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two modules hold equal state dicts (names, shapes and values)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
-    )
-
-
 def plan_studies(
     models: dict[str, nn.Module],
     tasks: AttackTasks,
@@ -142,7 +133,7 @@ def plan_studies(
     if (
         "ceiling" in models
         and "scratch" in models
-        and same_weights(models["ceiling"], models["scratch"])
+        and state_fingerprint(models["ceiling"]) == state_fingerprint(models["scratch"])
     ):
         skipped.add("ceiling")
         notes.append(CEILING_IS_SCRATCH)

@@ -161,7 +161,7 @@ class BlockErasureObjective(LayeredObjective):
         batchnorm: Sequence[str] | str = ("batch", "running"),
     ) -> None:
         self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
-        self._choice = LayerChoice("blocks", blocks, block_weights)
+        self._choice = LayerChoice("blocks", "block_weights", blocks, block_weights)
         self.blocks, self.block_weights = self._choice.names, self._choice.weights
         if not (isinstance(ridge, int | float) and ridge > 0):
             raise ValueError(f"ridge must be a number > 0, got {ridge!r}.")

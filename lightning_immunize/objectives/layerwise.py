@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_immunize.conditioning import feature_condition_number, feature_r_max, feature_r_min
+from lightning_immunize.conditioning import feature_regularizer
 from lightning_immunize.distributed import gather_rows
 from lightning_immunize.objectives.base import (
     ObjectiveHost,
@@ -130,7 +130,7 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
     ) -> None:
         self.lambda_pretrain = check_lambda("lambda_pretrain", lambda_pretrain)
         self.lambda_harmful = check_lambda("lambda_harmful", lambda_harmful)
-        self._choice = LayerChoice("layers", layers, layer_weights)
+        self._choice = LayerChoice("layers", "layer_weights", layers, layer_weights)
         self.layers, self.layer_weights = self._choice.names, self._choice.weights
         if not (isinstance(eps, int | float) and eps >= 0):
             raise ValueError(f"eps must be a number ≥ 0, got {eps!r}.")
@@ -178,10 +178,10 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
                 label = "" if len(modes) == 1 else f" ({mode} BatchNorm)"
                 for n in names:
                     r = correlation_rows(gather_rows(rows[side, mode][n]), self.eps)
-                    value = feature_r_min(r) if kind == "r_min" else feature_r_max(r)
+                    value, kappa = feature_regularizer(r, kind)  # one eigh for both
                     values[f"{kind} of layer {n} on {side}{label}"] = value.detach()
                     side_term = side_term + fractions[n] * value / len(modes)
-                    log_kappa += float(torch.log(feature_condition_number(r.detach())))
+                    log_kappa += float(torch.log(kappa))
             regularizer = regularizer + lam * side_term
             logs[kind] = side_term.detach() if isinstance(side_term, Tensor) else side_term
             logs[f"mean_log_kappa_{side}"] = log_kappa / (len(names) * len(modes))

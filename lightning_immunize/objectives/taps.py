@@ -201,7 +201,8 @@ class LayerChoice:
     """Which layers an every-layer objective regularizes, and each one's weight.
 
     Args:
-        what: the argument's name, for messages (``"layers"``, ``"blocks"``).
+        what: the names argument's name, for messages (``"layers"``, ``"blocks"``).
+        weights_name: the weights argument's name (``"layer_weights"``).
         names: layer names (:func:`resolve_layers`), :data:`HEAD_INPUT` for the features;
             ``None``: the objective's default.
         weights: ``{name: w ≥ 0}``, 1 for a layer not given.
@@ -211,13 +212,17 @@ class LayerChoice:
     """
 
     def __init__(
-        self, what: str, names: Sequence[str] | str | None, weights: Mapping[str, float] | None
+        self,
+        what: str,
+        weights_name: str,
+        names: Sequence[str] | str | None,
+        weights: Mapping[str, float] | None,
     ) -> None:
-        self.what = what
+        self.what, self.weights_name = what, weights_name
         if isinstance(names, str):
             names = [names]
         self.names = None if names is None else [str(n) for n in names]
-        self.weights = check_weights(f"{what[:-1]}_weights", weights)
+        self.weights = check_weights(weights_name, weights)
 
     def resolve(self, extractor: nn.Module, default: Callable[[nn.Module], list[str]]) -> list[str]:
         """The names (``default(extractor)`` when none were given), each checked to exist,
@@ -233,7 +238,7 @@ class LayerChoice:
                 f"{self.what}=[...] naming at least one layer or {HEAD_INPUT!r}."
             )
         tapped_layers(extractor, names)
-        check_weights(f"{self.what[:-1]}_weights", self.weights, names)
+        check_weights(self.weights_name, self.weights, names)
         return names
 
     def fractions(self, names: Sequence[str]) -> dict[str, float]:
