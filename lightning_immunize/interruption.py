@@ -64,7 +64,7 @@ class StopRequests:
         self.signum: int | None = None
         self._deferring = 0
         self._previous: dict[int, object] = {}
-        self._owned = False
+        self._displaced: dict[int, object] = {}
         self.detail = ""
 
     @property
@@ -113,21 +113,28 @@ class StopRequests:
 
     def begin_deferring(self) -> None:
         """From now on (a training loop) the first stop signal is only recorded in
-        :attr:`signum`, for the loop to act on; installs the handlers if nobody has. Pair
-        with :meth:`end_deferring`."""
+        :attr:`signum`, for the loop to act on. Pair with :meth:`end_deferring`.
+
+        Until then the stop signals are handled here alone: a handler installed since
+        :meth:`install` (Lightning's own SIGTERM handler, which stops the loop between two
+        batches or in the middle of a validation, before the checkpoint that would keep it)
+        is set aside and put back by :meth:`end_deferring`."""
         if not self._deferring:
             self.signum = None  # a stop asked of an earlier training loop is not this one's
-        if self.install():
-            self._owned = True
+            if threading.current_thread() is threading.main_thread():
+                for signum in STOP_SIGNALS:
+                    if signal.getsignal(signum) != self._handle:
+                        self._displaced[signum] = signal.signal(signum, self._handle)
         self._deferring += 1
 
     def end_deferring(self) -> None:
         """Ends :meth:`begin_deferring` (a no-op when not deferring)."""
         if self._deferring:
             self._deferring -= 1
-            if self._owned and not self._deferring:
-                self.uninstall()
-                self._owned = False
+            if not self._deferring:
+                for signum, handler in self._displaced.items():
+                    signal.signal(signum, handler)  # type: ignore[arg-type]
+                self._displaced = {}
 
 
 #: The process-wide instance.

@@ -114,7 +114,6 @@ def test_feature_regularizer_is_the_regularizer_and_kappa_from_one_spectrum(shap
         feature_regularizer(Z, "kappa")
 
 
-
 @pytest.mark.parametrize("shape", [(4, 10), (10, 10), (16, 10)])
 @pytest.mark.parametrize("kind", ["kappa", "r_min", "r_max"])
 def test_gram_route_equals_covariance_route(shape, kind):

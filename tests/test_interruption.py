@@ -113,8 +113,30 @@ def test_a_stop_at_a_random_moment_resumes_to_the_uninterrupted_weights(
     assert header["steps"] == 300 and header["partial"] is False
 
 
-def _stop_at(step: int, kind: str = "InterruptAtStep") -> str:
-    return json.dumps([{"class_path": f"fault_callbacks.{kind}", "init_args": {"step": step}}])
+def _stop_at(step: int, kind: str = "InterruptAtStep", **init_args: object) -> str:
+    return json.dumps(
+        [{"class_path": f"fault_callbacks.{kind}", "init_args": {"step": step, **init_args}}]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["InterruptAtStep", "InterruptInValidation"])
+def test_sigterm_at_an_epoch_that_validates_keeps_its_validation_row(uninterrupted, tmp_path, kind):
+    """SIGTERM in the last batch of an epoch that validates (step 90) or in that validation:
+    the validation runs before the stop or again on resume, never lost (Lightning's own SIGTERM
+    handling would stop before it, or in it, behind a checkpoint that resumes past it)."""
+    stopped = run_fit(
+        "house_prices", tmp_path, "--trainer.callbacks+", _stop_at(90, kind, signum="SIGTERM")
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    run = tmp_path / RUN / "version_0"
+    # On disk at the stop: the uninterrupted run's rows up to the validation of epoch 29.
+    rows = (run / "metrics.csv").read_text().splitlines()
+    expected = (uninterrupted / "metrics.csv").read_text().splitlines()
+    assert rows == expected[: len(rows)] and any(row.startswith("29,89,,") for row in rows)
+    _fit_here(tmp_path, "--ckpt_path", "last")
+    _assert_same_run(run, uninterrupted)
 
 
 @pytest.mark.slow
@@ -236,4 +258,14 @@ def test_stop_requests_defer_only_inside_a_training_loop_and_forget_old_stops():
         stops.begin_deferring()  # the next training loop starts without the old stop
         assert not stops.requested
         stops.end_deferring()
+
+        seen: list[int] = []  # a handler installed since (Lightning's SIGTERM handler)...
+        foreign = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+        stops.begin_deferring()
+        os.kill(os.getpid(), signal.SIGTERM)  # ...does not see a deferred stop
+        assert stops.signum == signal.SIGTERM and seen == []
+        stops.end_deferring()
+        os.kill(os.getpid(), signal.SIGTERM)  # and is back afterwards
+        assert seen == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, foreign)
     assert signal.getsignal(signal.SIGINT) == original  # put back
