@@ -96,8 +96,7 @@ class StopRequests:
 
     def uninstall(self) -> None:
         """Put back the handlers :meth:`install` replaced."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+        _put_back(self._previous)
         self._previous = {}
 
     @contextmanager
@@ -132,9 +131,14 @@ class StopRequests:
         if self._deferring:
             self._deferring -= 1
             if not self._deferring:
-                for signum, handler in self._displaced.items():
-                    signal.signal(signum, handler)  # type: ignore[arg-type]
+                _put_back(self._displaced)
                 self._displaced = {}
+
+
+def _put_back(handlers: dict[int, object]) -> None:
+    """Reinstall ``handlers`` (signal number → the handler a ``signal.signal`` call returned)."""
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 #: The process-wide instance.
