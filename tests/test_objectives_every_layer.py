@@ -28,8 +28,13 @@ from lightning_immunize.objectives import (
     LayerwiseConditionNumberObjective,
 )
 from lightning_immunize.objectives.erasure import held_out_r2, label_matrix, pooled
-from lightning_immunize.objectives.layerwise import activation_rows, correlation_rows
+from lightning_immunize.objectives.layerwise import (
+    activation_rows,
+    correlation_rows,
+    input_width,
+)
 from lightning_immunize.objectives.taps import (
+    layer_root,
     recording,
     resolve_layers,
     tapped_layers,
@@ -193,6 +198,22 @@ def test_ours_kfac_default_layers_are_the_trainable_ones_and_the_head():
     objective.backward(module, image_batch(b=12))
     frozen = [n for n, p in module.extractor.named_parameters() if not p.requires_grad]
     assert frozen and all(dict(module.extractor.named_parameters())[n].grad is None for n in frozen)
+
+
+def test_ours_kfac_leaves_out_a_one_channel_stem_and_refuses_it_by_name():
+    # a grayscale stem's input correlation is 1×1: κ = 1 whatever the weights, and R_max of
+    # it sat at 1/floor (1e12), drowning the logged r_max of every other layer
+    objective = LayerwiseConditionNumberObjective(lambda_harmful=1.0)
+    module = tiny_timm_module(objective, trainable=None)
+    layers = dict(layer_root(module.extractor).named_modules())
+    stem = [n for n in trainable_layers(module.extractor) if input_width(layers[n]) == 1]
+    assert stem == ["conv1.0"]
+    names = objective.resolved_layers(module)
+    assert "conv1.0" not in names and len(names) == len(trainable_layers(module.extractor))
+    out = objective.backward(module, image_batch(b=12))
+    assert 0 < float(out.logs["r_max"]) < 1e6
+    with pytest.raises(ValueError, match="layer 'conv1.0' has one input channel"):
+        LayerwiseConditionNumberObjective(layers=["conv1.0", "head"]).resolved_layers(module)
 
 
 def test_ours_kfac_refuses_bad_arguments_by_name():

@@ -37,12 +37,18 @@ from lightning_immunize.objectives.taps import (
     LayeredObjective,
     batchnorm_mode,
     check_batchnorm_modes,
+    layer_root,
     recording,
     tapped_layers,
     trainable_layers,
 )
 
-__all__ = ["LayerwiseConditionNumberObjective", "activation_rows", "correlation_rows"]
+__all__ = [
+    "LayerwiseConditionNumberObjective",
+    "activation_rows",
+    "correlation_rows",
+    "input_width",
+]
 
 #: Layers whose input is channels-first.
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -62,6 +68,21 @@ def activation_rows(a: Tensor, channels_first: bool) -> Tensor:
     if channels_first and a.ndim > 2:
         return a.movedim(1, -1).reshape(-1, a.shape[1])
     return a.reshape(-1, a.shape[-1])
+
+
+def input_width(layer: nn.Module) -> int | None:
+    """The number of input channels (convolutions) or features (linear layers) of ``layer``,
+    ``None`` for another kind of module.
+
+    Example:
+        >>> input_width(nn.Conv2d(1, 8, 3)), input_width(nn.Linear(4, 2)), input_width(nn.ReLU())
+        (1, 4, None)
+    """
+    if isinstance(layer, CONVOLUTIONS):
+        return layer.in_channels
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return None
 
 
 def correlation_rows(rows: Tensor, eps: float = 1e-6) -> Tensor:
@@ -98,7 +119,7 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
         layers: layer names (as :class:`~lightning_immunize.models.TimmBackbone`'s
             ``trainable``: ``"layer4.0.conv1"``), plus ``"head"`` for the classifier's input;
             ``None``: every convolution and linear layer of the extractor whose weight is
-            trainable, then ``"head"``.
+            trainable and whose input has at least two channels, then ``"head"``.
         layer_weights: ``{name: w_l ≥ 0}``, 1 for a layer not given (per-layer λ: the early
             layers feed D_P too).
         eps: relative floor of the diagonal (dead channels).
@@ -108,8 +129,8 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
             training one.
 
     Raises:
-        ValueError: for a negative λ or weight, an unknown layer (when the module is built),
-            or weights naming a layer not regularized.
+        ValueError: for a negative λ or weight, an unknown layer or one of a single input
+            channel (when the module is built), or weights naming a layer not regularized.
 
     Example:
         >>> objective = LayerwiseConditionNumberObjective(lambda_harmful=10.0, layers=["head"])
@@ -138,9 +159,27 @@ class LayerwiseConditionNumberObjective(LayeredObjective):
         self.batchnorm = list(check_batchnorm_modes(batchnorm))
 
     def default_layers(self, extractor: nn.Module) -> list[str]:
-        """Every trainable convolution and linear layer of the extractor, then the head's
-        input."""
-        return [*trainable_layers(extractor), HEAD_INPUT]
+        """Every trainable convolution and linear layer of the extractor with at least two
+        input channels, then the head's input. A one-channel input (a grayscale stem) has a
+        1×1 correlation matrix: κ = 1 whatever the weights, nothing to condition."""
+        root = dict(layer_root(extractor).named_modules())
+        return [n for n in trainable_layers(extractor) if input_width(root[n]) > 1] + [HEAD_INPUT]
+
+    def resolved_layers(self, module: ObjectiveHost) -> list[str]:
+        """The layers, each checked to have at least two input channels.
+
+        Raises:
+            ValueError: for a layer of one input channel (its κ is 1 by construction).
+        """
+        names = super().resolved_layers(module)
+        for name, layer in tapped_layers(module.extractor, names).items():
+            if input_width(layer) == 1:
+                raise ValueError(
+                    f"layer {name!r} has one input channel: its correlation matrix is 1×1 and "
+                    "its condition number 1 whatever the weights; expected layers with at "
+                    "least two input channels."
+                )
+        return names
 
     def terms(self) -> list[tuple[str, str, float]]:
         """``(side, regularizer, λ)`` of the active terms."""
