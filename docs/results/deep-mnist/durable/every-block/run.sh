@@ -6,6 +6,8 @@
 # screen: per candidate, λ on seed 1 by the D_P rule (the largest λ of its grid, scanning
 # upwards, whose D_P held-out accuracy is within 1 point of θ_0's), then one `durable` card
 # at that λ with the control of the same blocks and length; every card on one storage.
+# A candidate that fails the rule at every λ of its grid scans downwards by decades from the
+# grid's smallest (PROTOCOL.md, amendment 1) and keeps the first λ that passes.
 # confirm: seeds 2 and 3 of the named candidates at their selected λ.
 # Runs the package of the folder it is started from (python -m), not whichever is installed.
 set -u
@@ -95,6 +97,16 @@ case $stage in
           if within_one_point "$run"; then lam=$value; else break; fi
         done
         echo "$c: λ = ${lam:-none}" | tee -a "$work/selection.txt"
+        lam=$(selected "$c")
+      fi
+      if [ "$lam" = none ] && ! grep -q "^$c: .*second round" "$work/selection.txt"; then
+        # PROTOCOL.md's amendment 1: the grid goes on downwards by decades
+        read -r class keys grid <<< "${spec[$c]%%;*}"; lam=""
+        for value in $(awk -v g="${grid%% *}" 'BEGIN {print g/10, g/100, g/1000}'); do
+          run=$(candidate_run "$c" "$value" 1) || exit 1
+          if within_one_point "$run"; then lam=$value; break; fi
+        done
+        echo "$c: λ = ${lam:-none} (second round)" | tee -a "$work/selection.txt"
         lam=$(selected "$c")
       fi
       if [ "$lam" = none ] || [ -z "$lam" ]; then continue; fi
