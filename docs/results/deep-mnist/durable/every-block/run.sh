@@ -20,15 +20,17 @@ cli() { python -m lightning_immunize.cli "$@"; }
 declare -A spec=(
   [ours_kfac-2]="LayerwiseConditionNumberObjective lambda_pretrain,lambda_harmful 1 10 100 1000;2"
   [ours_kfac-6]="LayerwiseConditionNumberObjective lambda_pretrain,lambda_harmful 1 10 100 1000;6"
+  [ours_kfac_ratio-2]="LayerwiseConditionNumberObjective lambda_harmful 1 10 100 1000;2"
   [erasure-2]="BlockErasureObjective lambda_harmful 0.1 1 10 100;2"
   [erasure-6]="BlockErasureObjective lambda_harmful 0.1 1 10 100;6"
   [ours-all]="ConditionNumberObjective lambda_harmful 1 10 100 1000;2"
   [sophon-all]="SimulatedAttackObjective lambda_harmful 1 10 100;2"
 )
-order=(ours_kfac-2 ours_kfac-6 erasure-2 erasure-6 ours-all sophon-all)
+order=(ours_kfac-2 ours_kfac_ratio-2 erasure-2 ours_kfac-6 erasure-6 ours-all sophon-all)
 
 objective_args() {  # objective_args CLASS KEYS λ → command-line arguments
-  local class=$1 keys=$2 lam=$3 args=(--model.objective "$class")
+  local class=$1 keys=$2 lam=$3
+  local args=(--model.objective "$class")  # apart: a `local` expands its words first
   for key in ${keys//,/ }; do args+=("--model.objective.init_args.$key" "$lam"); done
   case $class in
     ConditionNumberObjective)  # the config's λ_P/λ_H ratio, 3e-3/1000
@@ -38,7 +40,9 @@ objective_args() {  # objective_args CLASS KEYS λ → command-line arguments
                                      --model.objective.init_args.seed 0);;
     BlockErasureObjective)
       args+=(--model.objective.init_args.blocks "[layer1, layer2, layer3, layer4, head]");;
-    LayerwiseConditionNumberObjective) ;;
+    LayerwiseConditionNumberObjective)  # λ_H alone given: the config's λ_P/λ_H (amendment 2)
+      [ "$keys" = lambda_harmful ] && args+=(--model.objective.init_args.lambda_pretrain \
+        "$(python -c "print($lam * 3e-6)")");;
   esac
   printf '%s\n' "${args[@]}"
 }
