@@ -1,0 +1,126 @@
+"""Collect run.sh's selection fits and cards into this folder and write screen.md.
+
+python docs/results/deep-mnist/durable/every-block/summarize.py WORK_DIR
+
+screen.md: the D_P rule's selection (every λ fitted, seed 1), then each carded run's advantage
+removed against θ_0 and against its control, and the screen's score (PROTOCOL.md: the smallest
+advantage removed over the three fine-tuning families at the goal's budget).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from lightning_immunize.attacks.comparison import (
+    GOAL_FAMILIES,
+    CardRun,
+    load_card_run,
+    runs_markdown,
+)
+
+HERE = Path(__file__).resolve().parent
+KEEP = ("card.md", "card.json", "trials.csv", "confirm.csv", "effort.png", "search.png")
+FAMILIES = ("probe", *GOAL_FAMILIES)
+#: PROTOCOL.md: the goal's budget is where θ_0's head start over scratch against
+#: `finetune-all` is largest.
+BUDGET_FAMILY = "finetune-all"
+
+
+def goal_budget(card: dict) -> str:
+    """The data budget where θ_0 is furthest ahead of scratch against ``finetune-all``."""
+    gaps = {
+        budget: entry["reference"]["mean"] - entry["scratch"]["mean"]
+        for budget, families in card["resistance"].items()
+        if (entry := families.get(BUDGET_FAMILY)) and "scratch" in entry
+    }
+    return max(gaps, key=gaps.get)
+
+
+def selection_markdown(work: Path) -> str:
+    """Every selection fit of seed 1: candidate, λ, D_P held-out accuracy and its change,
+    RIR, wall time, and the λ the rule kept."""
+    kept: dict[str, str] = {}
+    for line in (work / "selection.txt").read_text().splitlines():
+        candidate, rest = line.split(": λ = ")
+        kept[candidate] = rest.split()[0]
+    lines = [
+        "| candidate | λ | D_P held-out | change (points) | RIR | fit (s) | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for candidate in kept:
+        fits = []
+        for fit in (work / "fits").glob(f"{candidate}-λ*-s1"):
+            lam = re.fullmatch(rf"{re.escape(candidate)}-λ(.+)-s1", fit.name).group(1)
+            result = fit / "lightning_logs" / "version_0" / "immunization.json"
+            if result.is_file() and (fit / "done").is_file():
+                fits.append((float(lam), lam, json.loads(result.read_text()), fit))
+        for _, lam, d, fit in sorted(fits):
+            change = 100 * (d["task_metric"] - d["task_metric_before"])
+            lines.append(
+                f"| `{candidate}` | {lam} | {100 * d['task_metric']:.2f} % | {change:+.2f} | "
+                f"{d['rir']:.3g} | {(fit / 'done').read_text().strip()} | "
+                f"{'**kept**' if lam == kept[candidate] else ''} |"
+            )
+        if kept[candidate] == "none":
+            lines.append(f"| `{candidate}` | — | | | | | none passes: not carded |")
+    return "\n".join(lines) + "\n"
+
+
+def screen_score(run: CardRun, budget: str) -> float | None:
+    """The smallest advantage removed over the fine-tuning families (``None`` if one is
+    undefined)."""
+    values = [(run.family(f, budget) or {}).get("advantage_removed") for f in GOAL_FAMILIES]
+    return None if any(v is None for v in values) else min(values)
+
+
+def main(work: Path) -> None:
+    selected = {}
+    for line in (work / "selection.txt").read_text().splitlines():
+        candidate, rest = line.split(": λ = ")
+        selected[candidate] = rest.split()[0]
+    runs = []
+    for card_dir in sorted((work / "cards").glob("*-s[0-9]*")):
+        if card_dir.suffix or not (card_dir / "card.json").is_file():
+            continue
+        candidate, seed = re.fullmatch(r"(.+)-s(\d+)", card_dir.name).groups()
+        run_dir = work / "fits" / f"{candidate}-λ{selected[candidate]}-s{seed}"
+        run_dir = run_dir / "lightning_logs" / "version_0"
+        runs.append(load_card_run(f"`{candidate}` (λ {selected[candidate]})", int(seed),
+                                  card_dir, run_dir))  # fmt: skip
+        dest = HERE / "cards" / card_dir.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in KEEP:
+            if (card_dir / name).is_file():
+                shutil.copy2(card_dir / name, dest / name)
+        shutil.copy2(run_dir / "immunization.json", dest / "immunization.json")
+    parts = ["## Selection: λ by the D_P rule, seed 1\n", selection_markdown(work)]
+    if runs:
+        budget = goal_budget(runs[0].card)
+        parts.append(f"## The screen at the goal's budget, n = {budget}\n")
+        parts.append("Advantage removed against θ_0, with its 90 % interval:\n")
+        parts.append(runs_markdown(runs, budget, FAMILIES))
+        parts.append("Against the control (the same fit with λ = 0):\n")
+        parts.append(runs_markdown(runs, budget, GOAL_FAMILIES, "advantage_removed_control"))
+        scores = [(screen_score(r, budget), r) for r in runs if r.seed == 1]
+        ranked = sorted(scores, key=lambda s: float("-inf") if s[0] is None else s[0],
+                        reverse=True)  # fmt: skip
+        parts.append("Screen score (smallest advantage removed over the fine-tuning families):\n")
+        parts.append("| rank | candidate | score |\n|---|---|---|")
+        parts.append("\n".join(
+            f"| {i} | {r.method} | {'—' if s is None else f'{s:.2f}'} |"
+            for i, (s, r) in enumerate(ranked, 1)
+        ) + "\n")  # fmt: skip
+        for other in (b for b in runs[0].card["resistance"] if b != budget):
+            parts.append(f"## n = {other}\n")
+            parts.append(runs_markdown(runs, other, FAMILIES))
+    text = "\n".join(parts)
+    (HERE / "screen.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
