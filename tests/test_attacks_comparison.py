@@ -7,7 +7,9 @@ import json
 import pytest
 
 from lightning_immunize.attacks.comparison import (
+    CARD_FILES,
     CardRun,
+    collect_card,
     comparison_markdown,
     goal_met,
     largest_advantage_budget,
@@ -115,6 +117,23 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "card" / "card.json").write_text(json.dumps({"marks": MARKS}))
     with pytest.raises(FileNotFoundError, match="run/immunization.json does not exist"):
         load_card_run("m", 1, tmp_path / "card", tmp_path / "run")
+
+
+def test_collect_card_keeps_the_card_files_and_the_run_result_and_names_a_missing_one(tmp_path):
+    card, run, dest = tmp_path / "card", tmp_path / "run", tmp_path / "docs" / "ours-s1"
+    card.mkdir()
+    run.mkdir()
+    for name in ("card.json", "card.md", "trials.csv", "card.log"):
+        (card / name).write_text(name)
+    with pytest.raises(FileNotFoundError, match="run/immunization.json does not exist"):
+        collect_card(card, run, dest)
+    assert not dest.exists()
+    (run / "immunization.json").write_text("{}")
+    collect_card(card, run, dest)
+    kept = sorted(p.name for p in dest.iterdir())
+    assert kept == ["card.json", "card.md", "immunization.json", "trials.csv"]
+    assert set(kept) - {"immunization.json"} <= set(CARD_FILES)
+    assert (dest / "card.md").read_text() == "card.md"
 
 
 def test_the_goal_budget_is_where_theta_0_leads_scratch_most():

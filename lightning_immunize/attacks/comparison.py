@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ __all__ = [
     "GOAL_ADVANTAGE_REMOVED",
     "GOAL_STABILITY_DROP",
     "GOAL_INTERVAL_FLOOR",
+    "CARD_FILES",
     "CardRun",
+    "collect_card",
     "load_card_run",
     "reference_advantage",
     "largest_advantage_budget",
@@ -92,6 +95,35 @@ def load_card_run(method: str, seed: int, card_dir: str | Path, run_dir: str | P
     return CardRun(
         method, seed, json.loads(card_path.read_text()), json.loads(run_path.read_text())
     )
+
+
+#: The files of a card folder kept beside a comparison (the rest are its logs).
+CARD_FILES: tuple[str, ...] = (
+    "card.md",
+    "card.json",
+    "trials.csv",
+    "confirm.csv",
+    "effort.png",
+    "search.png",
+)
+
+
+def collect_card(card_dir: str | Path, run_dir: str | Path, dest: str | Path) -> None:
+    """Copy a card's :data:`CARD_FILES` (those it has) and its run's ``immunization.json``
+    into ``dest`` (created), as a comparison's results folder keeps them.
+
+    Raises:
+        FileNotFoundError: naming a missing ``card.json`` or ``immunization.json``.
+    """
+    card_dir, run_dir, dest = Path(card_dir), Path(run_dir), Path(dest)
+    for path in (card_dir / "card.json", run_dir / "immunization.json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; expected a finished card and run.")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in CARD_FILES:
+        if (card_dir / name).is_file():
+            shutil.copy2(card_dir / name, dest / name)
+    shutil.copy2(run_dir / "immunization.json", dest / "immunization.json")
 
 
 def reference_advantage(

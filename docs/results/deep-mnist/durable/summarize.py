@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lightning_immunize.attacks.comparison import (
     GOAL_FAMILIES,
+    collect_card,
     comparison_markdown,
     largest_advantage_budget,
     load_card_run,
@@ -21,7 +22,6 @@ from lightning_immunize.attacks.comparison import (
 )
 
 HERE = Path(__file__).resolve().parent
-KEEP = ("card.md", "card.json", "trials.csv", "confirm.csv", "effort.png", "search.png")
 ORDER = ("ours", "sophon", "tar", "ours_sa")
 FAMILIES = ("probe", *GOAL_FAMILIES)
 
@@ -43,11 +43,7 @@ def main(work: Path) -> None:
         label = method if method == "ours" else f"{method} (λ {selection[method]})"
         runs.append(load_card_run(label, int(seed), card_dir, run_dir))
         dest = HERE / "cards" / card_dir.name
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in KEEP:
-            if (card_dir / name).is_file():
-                shutil.copy2(card_dir / name, dest / name)
-        shutil.copy2(run_dir / "immunization.json", dest / "immunization.json")
+        collect_card(card_dir, run_dir, dest)
         objective = work / "fits" / fit / "objective.yaml"
         if objective.is_file():
             shutil.copy2(objective, dest / "objective.yaml")

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
 from lightning_immunize.attacks.comparison import (
     GOAL_FAMILIES,
     CardRun,
+    collect_card,
     load_card_run,
     runs_markdown,
 )
 
 HERE = Path(__file__).resolve().parent
-KEEP = ("card.md", "card.json", "trials.csv", "confirm.csv", "effort.png", "search.png")
 FAMILIES = ("probe", *GOAL_FAMILIES)
 #: PROTOCOL.md: the goal's budget is where θ_0's head start over scratch against
 #: `finetune-all` is largest.
@@ -91,12 +90,7 @@ def main(work: Path) -> None:
         run_dir = run_dir / "lightning_logs" / "version_0"
         runs.append(load_card_run(f"`{candidate}` (λ {selected[candidate]})", int(seed),
                                   card_dir, run_dir))  # fmt: skip
-        dest = HERE / "cards" / card_dir.name
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in KEEP:
-            if (card_dir / name).is_file():
-                shutil.copy2(card_dir / name, dest / name)
-        shutil.copy2(run_dir / "immunization.json", dest / "immunization.json")
+        collect_card(card_dir, run_dir, HERE / "cards" / card_dir.name)
     parts = ["## Selection: λ by the D_P rule, seed 1\n", selection_markdown(work)]
     if runs:
         budget = goal_budget(runs[0].card)
