@@ -285,6 +285,28 @@ def test_bootstrap_intervals_cover_the_estimate_and_say_no_measurable_effect():
     assert card["marks"] == marks
 
 
+def test_a_benign_task_measurably_slower_on_the_way_is_not_called_as_easy():
+    # the same steps to the target as θ_0 but a lower score at every mark, its interval above 0:
+    # the card once said "as easy as on θ_0" beside "advantage removed 0.54 [0.33, 0.85]"
+    rng = np.random.default_rng(0)
+    values = {m: rng.binomial(1, p, (3, 400)).astype(float)
+              for m, p in (("reference", 0.95), ("scratch", 0.3), ("immunized", 0.9))}  # fmt: skip
+    rows, confirms, samples = [], [], {}
+    for model, v in values.items():
+        base = {"condition": "trainability", "data_budget": "all", "model": model,
+                "family": "probe", "objective": "0.5", "pruned_at": ""}  # fmt: skip
+        rows.append({**base, "trial": "0", "at_1": "0.5", "at_3": "0.5"})
+        for r in range(3):
+            score = str(v[r].mean())
+            confirms.append({**base, "trial": str(r), "at_1": score, "at_3": score})
+        samples[("trainability", "all", "probe", model)] = v
+    card = build_card(rows, {"trainability": "accuracy"}, confirm_rows=confirms, samples=samples)
+    entry = card["trainability"]["all"]["probe"]
+    assert entry["immunized"]["steps_to_target"] == entry["reference"]["steps_to_target"] == 1
+    assert entry["advantage_removed_interval"][0] > 0
+    assert "as easy" not in entry["sentence"] and "**harder**" in entry["sentence"]
+
+
 # ------------------------------------------------------------------------- models
 
 

@@ -117,7 +117,13 @@ def _steps(n: int) -> str:
 
 
 def _sentence(
-    family: str, imm: dict, ref: dict, horizon: int, trainability: bool, ref_name: str
+    family: str,
+    imm: dict,
+    ref: dict,
+    horizon: int,
+    trainability: bool,
+    ref_name: str,
+    interval: tuple[float, float] | None = None,
 ) -> str:
     s_imm, s_ref = imm["steps_to_target"], ref["steps_to_target"]
     name = f"`{family}`"
@@ -126,6 +132,11 @@ def _sentence(
             return (
                 f"{name}: harder than on {ref_name} — the target is not reached within "
                 f"{horizon} steps ({ref_name}: {s_ref})."
+            )
+        if s_imm <= s_ref and interval is not None and interval[0] > 0:
+            return (  # the same steps to the target, measurably lower on the way
+                f"{name}: **harder** than on {ref_name} on the way — {_steps(s_imm)} to the "
+                f"target ({ref_name} {s_ref}), but a lower worst-case score over the marks."
             )
         if s_imm <= s_ref:
             return (
@@ -284,7 +295,7 @@ def condition_table(
                 ref_name = "θ_0" if "scratch" in entry else "the reference"
                 entry["sentence"] = _sentence(
                     family, entry["immunized"], entry["reference"], marks[-1], trainability,
-                    ref_name,
+                    ref_name, entry.get("advantage_removed_interval"),
                 ) + _interval_sentence(entry)  # fmt: skip
         table[budget][family] = entry
     return dict(table)
