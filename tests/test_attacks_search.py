@@ -254,6 +254,21 @@ def test_reruns_redraw_the_attackers_data_subset():
     assert torch.equal(other.rerun_data(1, 0).train_x, subsets[1])  # paired across models
 
 
+def _probe_card(condition: str, values: dict[str, np.ndarray]) -> dict:
+    """A card of one `probe` study per model at marks 1 and 3: ``values[model]`` (3 re-runs ×
+    samples) of 0/1 scores, each re-run scoring its mean at both marks."""
+    rows, confirms, samples = [], [], {}
+    for model, v in values.items():
+        base = {"condition": condition, "data_budget": "all", "model": model,
+                "family": "probe", "objective": "0.5", "pruned_at": ""}  # fmt: skip
+        rows.append({**base, "trial": "0", "at_1": "0.5", "at_3": "0.5"})
+        for r in range(len(v)):
+            score = str(v[r].mean())
+            confirms.append({**base, "trial": str(r), "at_1": score, "at_3": score})
+        samples[(condition, "all", "probe", model)] = v
+    return build_card(rows, {condition: "accuracy"}, confirm_rows=confirms, samples=samples)
+
+
 def test_bootstrap_intervals_cover_the_estimate_and_say_no_measurable_effect():
     rng = np.random.default_rng(0)
     ref = rng.binomial(1, 0.8, (3, 400)).astype(float)
@@ -266,23 +281,13 @@ def test_bootstrap_intervals_cover_the_estimate_and_say_no_measurable_effect():
     assert same[0] < 0 < same[1]
     assert 0 < low[0] < (0.8 - 0.4) / (0.8 - 0.3) < low[1]
     # The card's text: an interval that contains 0 is no measurable effect.
-    marks = [1, 3]
-    rows, confirms, samples = [], [], {}
-    for model, values in (("reference", ref), ("scratch", scratch), ("immunized", imm_same)):
-        base = {"condition": "resistance", "data_budget": "all", "model": model,
-                "family": "probe", "objective": "0.5", "pruned_at": ""}  # fmt: skip
-        rows.append({**base, "trial": "0", "at_1": "0.5", "at_3": "0.5"})
-        for r in range(3):
-            score = str(values[r].mean())
-            confirms.append({**base, "trial": str(r), "at_1": score, "at_3": score})
-        samples[("resistance", "all", "probe", model)] = values
-    card = build_card(rows, {"resistance": "accuracy"}, confirm_rows=confirms, samples=samples)
+    card = _probe_card("resistance", {"reference": ref, "scratch": scratch, "immunized": imm_same})
     entry = card["resistance"]["all"]["probe"]
     low_, high_ = entry["advantage_removed_interval"]
     assert low_ <= entry["advantage_removed"] <= high_
     assert "no measurable effect" in entry["sentence"]
     assert "no measurable effect" in card_markdown(card)
-    assert card["marks"] == marks
+    assert card["marks"] == [1, 3]
 
 
 def test_a_benign_task_measurably_slower_on_the_way_is_not_called_as_easy():
@@ -291,16 +296,7 @@ def test_a_benign_task_measurably_slower_on_the_way_is_not_called_as_easy():
     rng = np.random.default_rng(0)
     values = {m: rng.binomial(1, p, (3, 400)).astype(float)
               for m, p in (("reference", 0.95), ("scratch", 0.3), ("immunized", 0.9))}  # fmt: skip
-    rows, confirms, samples = [], [], {}
-    for model, v in values.items():
-        base = {"condition": "trainability", "data_budget": "all", "model": model,
-                "family": "probe", "objective": "0.5", "pruned_at": ""}  # fmt: skip
-        rows.append({**base, "trial": "0", "at_1": "0.5", "at_3": "0.5"})
-        for r in range(3):
-            score = str(v[r].mean())
-            confirms.append({**base, "trial": str(r), "at_1": score, "at_3": score})
-        samples[("trainability", "all", "probe", model)] = v
-    card = build_card(rows, {"trainability": "accuracy"}, confirm_rows=confirms, samples=samples)
+    card = _probe_card("trainability", values)
     entry = card["trainability"]["all"]["probe"]
     assert entry["immunized"]["steps_to_target"] == entry["reference"]["steps_to_target"] == 1
     assert entry["advantage_removed_interval"][0] > 0
