@@ -84,6 +84,14 @@ def load_card_run(method: str, seed: int, card_dir: str | Path, run_dir: str | P
     Raises:
         FileNotFoundError: naming the missing file.
     """
+    card_path, run_path = _card_files(card_dir, run_dir)
+    return CardRun(
+        method, seed, json.loads(card_path.read_text()), json.loads(run_path.read_text())
+    )
+
+
+def _card_files(card_dir: str | Path, run_dir: str | Path) -> tuple[Path, Path]:
+    """``card_dir/card.json`` and ``run_dir/immunization.json``, each checked to exist."""
     card_path = Path(card_dir) / "card.json"
     run_path = Path(run_dir) / "immunization.json"
     for path in (card_path, run_path):
@@ -92,9 +100,7 @@ def load_card_run(method: str, seed: int, card_dir: str | Path, run_dir: str | P
                 f"{path} does not exist; expected a card folder with card.json and a run "
                 "folder with immunization.json."
             )
-    return CardRun(
-        method, seed, json.loads(card_path.read_text()), json.loads(run_path.read_text())
-    )
+    return card_path, run_path
 
 
 #: The files of a card folder kept beside a comparison (the rest are its logs).
@@ -115,15 +121,13 @@ def collect_card(card_dir: str | Path, run_dir: str | Path, dest: str | Path) ->
     Raises:
         FileNotFoundError: naming a missing ``card.json`` or ``immunization.json``.
     """
-    card_dir, run_dir, dest = Path(card_dir), Path(run_dir), Path(dest)
-    for path in (card_dir / "card.json", run_dir / "immunization.json"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; expected a finished card and run.")
+    card_path, run_path = _card_files(card_dir, run_dir)
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in CARD_FILES:
-        if (card_dir / name).is_file():
-            shutil.copy2(card_dir / name, dest / name)
-    shutil.copy2(run_dir / "immunization.json", dest / "immunization.json")
+        if (card_path.parent / name).is_file():
+            shutil.copy2(card_path.parent / name, dest / name)
+    shutil.copy2(run_path, dest / run_path.name)
 
 
 def reference_advantage(

@@ -28,13 +28,17 @@ declare -A spec=(
 )
 order=(ours_kfac-2 ours_kfac_ratio-2 erasure-2 ours_kfac-6 erasure-6 ours-all sophon-all)
 
+config_pretrain() {  # λ_H → λ_P at the config's λ_P/λ_H ratio, 3e-3/1000
+  python -c "print($1 * 3e-6)"
+}
+
 objective_args() {  # objective_args CLASS KEYS λ → command-line arguments
   local class=$1 keys=$2 lam=$3
   local args=(--model.objective "$class")  # apart: a `local` expands its words first
   for key in ${keys//,/ }; do args+=("--model.objective.init_args.$key" "$lam"); done
   case $class in
-    ConditionNumberObjective)  # the config's λ_P/λ_H ratio, 3e-3/1000
-      args+=(--model.objective.init_args.lambda_pretrain "$(python -c "print($lam * 3e-6)")"
+    ConditionNumberObjective)
+      args+=(--model.objective.init_args.lambda_pretrain "$(config_pretrain "$lam")"
              --model.objective.init_args.preconditioner none);;
     SimulatedAttackObjective) args+=(--model.objective.init_args.inner_steps 3
                                      --model.objective.init_args.seed 0);;
@@ -42,7 +46,7 @@ objective_args() {  # objective_args CLASS KEYS λ → command-line arguments
       args+=(--model.objective.init_args.blocks "[layer1, layer2, layer3, layer4, head]");;
     LayerwiseConditionNumberObjective)  # λ_H alone given: the config's λ_P/λ_H (amendment 2)
       [ "$keys" = lambda_harmful ] && args+=(--model.objective.init_args.lambda_pretrain \
-        "$(python -c "print($lam * 3e-6)")");;
+        "$(config_pretrain "$lam")");;
   esac
   printf '%s\n' "${args[@]}"
 }

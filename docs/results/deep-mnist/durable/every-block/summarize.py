@@ -39,13 +39,19 @@ def goal_budget(card: dict) -> str:
     return max(gaps, key=gaps.get)
 
 
-def selection_markdown(work: Path) -> str:
-    """Every selection fit of seed 1: candidate, λ, D_P held-out accuracy and its change,
-    RIR, wall time, and the λ the rule kept."""
+def read_selection(work: Path) -> dict[str, str]:
+    """``{candidate: λ}`` from run.sh's ``selection.txt`` (``"none"`` when no λ passes), the
+    last line of a candidate winning (its second round)."""
     kept: dict[str, str] = {}
     for line in (work / "selection.txt").read_text().splitlines():
         candidate, rest = line.split(": λ = ")
         kept[candidate] = rest.split()[0]
+    return kept
+
+
+def selection_markdown(work: Path, kept: dict[str, str]) -> str:
+    """Every selection fit of seed 1: candidate, λ, D_P held-out accuracy and its change,
+    RIR, wall time, and the λ the rule kept (``kept``, :func:`read_selection`)."""
     lines = [
         "| candidate | λ | D_P held-out | change (points) | RIR | fit (s) | kept |",
         "|---|---|---|---|---|---|---|",
@@ -77,10 +83,7 @@ def screen_score(run: CardRun, budget: str) -> float | None:
 
 
 def main(work: Path) -> None:
-    selected = {}
-    for line in (work / "selection.txt").read_text().splitlines():
-        candidate, rest = line.split(": λ = ")
-        selected[candidate] = rest.split()[0]
+    selected = read_selection(work)
     runs = []
     for card_dir in sorted((work / "cards").glob("*-s[0-9]*")):
         if card_dir.suffix or not (card_dir / "card.json").is_file():
@@ -91,7 +94,7 @@ def main(work: Path) -> None:
         runs.append(load_card_run(f"`{candidate}` (λ {selected[candidate]})", int(seed),
                                   card_dir, run_dir))  # fmt: skip
         collect_card(card_dir, run_dir, HERE / "cards" / card_dir.name)
-    parts = ["## Selection: λ by the D_P rule, seed 1\n", selection_markdown(work)]
+    parts = ["## Selection: λ by the D_P rule, seed 1\n", selection_markdown(work, selected)]
     if runs:
         budget = goal_budget(runs[0].card)
         parts.append(f"## The screen at the goal's budget, n = {budget}\n")
