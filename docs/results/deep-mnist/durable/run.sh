@@ -30,6 +30,7 @@ fit() {  # fit METHOD LAMBDA SEED → run folder $work/fits/METHOD-λLAMBDA-sSEE
   [ "$m" = ours ] && d="$work/fits/ours-s$3"
   mkdir -p "$d"
   if [ ! -f "$d/done" ]; then
+    rm -rf "$d/lightning_logs"  # an interrupted fit's version_0 would shift this one to version_1
     local extra=()
     if [ "$m" != ours ]; then
       printf 'model:\n  objective:\n    class_path: %s\n    init_args: {%s: %s, inner_steps: 3, seed: 0}\n' \
@@ -66,6 +67,7 @@ control() {  # control SEED → run folder of the λ = 0 fit of ours' config
   local d="$work/fits/control-s$1"
   mkdir -p "$d"
   if [ ! -f "$d/done" ]; then
+    rm -rf "$d/lightning_logs"  # an interrupted fit's version_0 would shift this one to version_1
     python -m lightning_immunize.cli fit --config configs/cnn_mnist.yaml --seed_everything "$1" \
       --model.objective.init_args.lambda_harmful 0 --model.objective.init_args.lambda_pretrain 0 \
       --trainer.default_root_dir "$d" --trainer.enable_progress_bar false > "$d/fit.log" 2>&1 \

@@ -55,6 +55,7 @@ fit() {  # fit DIR SEED EPOCHS ARGS... → the run folder (every block trainable
   local d=$1 seed=$2 epochs=$3; shift 3
   mkdir -p "$d"
   if [ ! -f "$d/done" ]; then
+    rm -rf "$d/lightning_logs"  # an interrupted fit's version_0 would shift this one to version_1
     local start=$(date +%s)
     cli fit --config configs/cnn_mnist.yaml "$@" --seed_everything "$seed" \
       --model.extractor.init_args.trainable null --trainer.max_epochs "$epochs" \
