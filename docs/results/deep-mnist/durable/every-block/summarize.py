@@ -9,6 +9,7 @@ advantage removed over the three fine-tuning families at the goal's budget).
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import sys
@@ -82,9 +83,48 @@ def screen_score(run: CardRun, budget: str) -> float | None:
     return None if any(v is None for v in values) else min(values)
 
 
+def _resistance_rows(path: Path, budget: str, model: str) -> list[dict[str, str]]:
+    """The rows of a card's ``trials.csv`` / ``confirm.csv`` for one model's resistance
+    studies at ``budget``."""
+    with open(path, newline="") as f:
+        return [
+            r for r in csv.DictReader(f)
+            if (r["condition"], r["data_budget"], r["model"]) == ("resistance", budget, model)
+        ]  # fmt: skip
+
+
+def batchnorm_markdown(cards: dict[str, Path], budget: str) -> str:
+    """Which BatchNorm the attacker chose, per card and family at ``budget``: the worst case's
+    mode (``confirm.csv``) and the best selection score of an unpruned trial with each mode
+    (``trials.csv``: ``recalibrate`` re-estimates the statistics on the harmful images, ``keep``
+    uses D_P's). θ_0's row comes from the first card (its searches are shared)."""
+    header = "| model | " + " | ".join(f"`{f}`" for f in FAMILIES) + " |"
+    lines = [header, "|---|" + "---|" * len(FAMILIES)]
+    rows = [("θ_0", "reference", next(iter(cards.values())))]
+    rows += [(label, "immunized", card_dir) for label, card_dir in cards.items()]
+    for label, model, card_dir in rows:
+        chosen: dict[str, set[str]] = {}
+        for r in _resistance_rows(card_dir / "confirm.csv", budget, model):
+            chosen.setdefault(r["family"], set()).add(r["batchnorm"])
+        best: dict[tuple[str, str], float] = {}
+        for r in _resistance_rows(card_dir / "trials.csv", budget, model):
+            if not r["pruned_at"] and not r["diverged_at"]:
+                key = (r["family"], r["batchnorm"])
+                best[key] = max(best.get(key, 0.0), float(r["objective"]))
+        cells = []
+        for family in FAMILIES:
+            scores = " / ".join(
+                f"{best[(family, mode)]:.2f}" if (family, mode) in best else "—"
+                for mode in ("recalibrate", "keep")
+            )
+            cells.append(f"{'/'.join(sorted(chosen.get(family, {'—'})))} ({scores})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(work: Path) -> None:
     selected = read_selection(work)
-    runs = []
+    runs, card_dirs = [], {}
     for card_dir in sorted((work / "cards").glob("*-s[0-9]*")):
         if card_dir.suffix or not (card_dir / "card.json").is_file():
             continue
@@ -94,6 +134,7 @@ def main(work: Path) -> None:
         runs.append(load_card_run(f"`{candidate}` (λ {selected[candidate]})", int(seed),
                                   card_dir, run_dir))  # fmt: skip
         collect_card(card_dir, run_dir, HERE / "cards" / card_dir.name)
+        card_dirs[f"`{candidate}` s{seed}"] = card_dir
     parts = ["## Selection: λ by the D_P rule, seed 1\n", selection_markdown(work, selected)]
     if runs:
         budget = goal_budget(runs[0].card)
@@ -111,6 +152,13 @@ def main(work: Path) -> None:
             f"| {i} | {r.method} | {'—' if s is None else f'{s:.2f}'} |"
             for i, (s, r) in enumerate(ranked, 1)
         ) + "\n")  # fmt: skip
+        parts.append(
+            "The attacker's BatchNorm at the goal's budget: the worst case's choice "
+            "(`recalibrate`: statistics re-estimated on the harmful images; `keep`: D_P's), and in "
+            "brackets the best selection score of an unpruned search trial with each "
+            "(recalibrate / keep):\n"
+        )
+        parts.append(batchnorm_markdown(card_dirs, budget))
         for other in (b for b in runs[0].card["resistance"] if b != budget):
             parts.append(f"## n = {other}\n")
             parts.append(runs_markdown(runs, other, FAMILIES))
