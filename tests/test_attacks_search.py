@@ -303,6 +303,18 @@ def test_a_benign_task_measurably_slower_on_the_way_is_not_called_as_easy():
     assert "as easy" not in entry["sentence"] and "**harder**" in entry["sentence"]
 
 
+def test_a_benign_task_measurably_faster_is_called_easier():
+    # fewer steps to the target and an interval below 0: the card once said "as easy as on
+    # θ_0" beside "advantage removed -0.30 [-0.51, -0.18]"
+    rng = np.random.default_rng(0)
+    values = {m: rng.binomial(1, p, (3, 400)).astype(float)
+              for m, p in (("reference", 0.8), ("scratch", 0.3), ("immunized", 0.95))}  # fmt: skip
+    card = _probe_card("trainability", values)
+    entry = card["trainability"]["all"]["probe"]
+    assert entry["advantage_removed_interval"][1] < 0
+    assert "as easy" not in entry["sentence"] and "**easier**" in entry["sentence"]
+
+
 # ------------------------------------------------------------------------- models
 
 

@@ -138,6 +138,11 @@ def _sentence(
                 f"{name}: **harder** than on {ref_name} on the way — {_steps(s_imm)} to the "
                 f"target ({ref_name} {s_ref}), but a lower worst-case score over the marks."
             )
+        if s_imm <= s_ref and interval is not None and interval[1] < 0:
+            return (  # measurably higher over the marks: the benign task got easier
+                f"{name}: **easier** than on {ref_name} — {_steps(s_imm)} to the target "
+                f"({ref_name} {s_ref}), and a higher worst-case score over the marks."
+            )
         if s_imm <= s_ref:
             return (
                 f"{name}: as easy as on {ref_name} ({_steps(s_imm)} to the target, "
