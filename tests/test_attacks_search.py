@@ -290,29 +290,29 @@ def test_bootstrap_intervals_cover_the_estimate_and_say_no_measurable_effect():
     assert card["marks"] == [1, 3]
 
 
-def test_a_benign_task_measurably_slower_on_the_way_is_not_called_as_easy():
-    # the same steps to the target as θ_0 but a lower score at every mark, its interval above 0:
-    # the card once said "as easy as on θ_0" beside "advantage removed 0.54 [0.33, 0.85]"
+@pytest.mark.parametrize(
+    ("p_reference", "p_immunized", "word", "side"),
+    [
+        # the same steps to the target as θ_0, a lower score at every mark, interval above 0:
+        # the card once said "as easy as on θ_0" beside "advantage removed 0.54 [0.33, 0.85]"
+        (0.95, 0.9, "**harder**", 0),
+        # fewer steps and an interval below 0: once "as easy as" beside "-0.30 [-0.51, -0.18]"
+        (0.8, 0.95, "**easier**", 1),
+    ],
+)
+def test_a_benign_task_measurably_slower_or_faster_is_not_called_as_easy(
+    p_reference: float, p_immunized: float, word: str, side: int
+):
     rng = np.random.default_rng(0)
     values = {m: rng.binomial(1, p, (3, 400)).astype(float)
-              for m, p in (("reference", 0.95), ("scratch", 0.3), ("immunized", 0.9))}  # fmt: skip
+              for m, p in (("reference", p_reference), ("scratch", 0.3),
+                           ("immunized", p_immunized))}  # fmt: skip
     card = _probe_card("trainability", values)
     entry = card["trainability"]["all"]["probe"]
-    assert entry["immunized"]["steps_to_target"] == entry["reference"]["steps_to_target"] == 1
-    assert entry["advantage_removed_interval"][0] > 0
-    assert "as easy" not in entry["sentence"] and "**harder**" in entry["sentence"]
-
-
-def test_a_benign_task_measurably_faster_is_called_easier():
-    # fewer steps to the target and an interval below 0: the card once said "as easy as on
-    # θ_0" beside "advantage removed -0.30 [-0.51, -0.18]"
-    rng = np.random.default_rng(0)
-    values = {m: rng.binomial(1, p, (3, 400)).astype(float)
-              for m, p in (("reference", 0.8), ("scratch", 0.3), ("immunized", 0.95))}  # fmt: skip
-    card = _probe_card("trainability", values)
-    entry = card["trainability"]["all"]["probe"]
-    assert entry["advantage_removed_interval"][1] < 0
-    assert "as easy" not in entry["sentence"] and "**easier**" in entry["sentence"]
+    assert entry["immunized"]["steps_to_target"] <= entry["reference"]["steps_to_target"]
+    low, high = entry["advantage_removed_interval"]
+    assert (low > 0) if side == 0 else (high < 0)
+    assert "as easy" not in entry["sentence"] and word in entry["sentence"]
 
 
 # ------------------------------------------------------------------------- models
