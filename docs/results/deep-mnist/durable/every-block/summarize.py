@@ -9,7 +9,6 @@ advantage removed over the three fine-tuning families at the goal's budget).
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import sys
@@ -22,6 +21,8 @@ from lightning_immunize.attacks.comparison import (
     load_card_run,
     runs_markdown,
 )
+from lightning_immunize.attacks.durability import read_trials
+from lightning_immunize.attacks.sweep import CONFIRM_NAME, TRIALS_NAME
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = ("probe", *GOAL_FAMILIES)
@@ -86,11 +87,10 @@ def screen_score(run: CardRun, budget: str) -> float | None:
 def _resistance_rows(path: Path, budget: str, model: str) -> list[dict[str, str]]:
     """The rows of a card's ``trials.csv`` / ``confirm.csv`` for one model's resistance
     studies at ``budget``."""
-    with open(path, newline="") as f:
-        return [
-            r for r in csv.DictReader(f)
-            if (r["condition"], r["data_budget"], r["model"]) == ("resistance", budget, model)
-        ]  # fmt: skip
+    return [
+        r for r in read_trials(path)
+        if (r["condition"], r["data_budget"], r["model"]) == ("resistance", budget, model)
+    ]  # fmt: skip
 
 
 def batchnorm_markdown(cards: dict[str, Path], budget: str) -> str:
@@ -104,10 +104,10 @@ def batchnorm_markdown(cards: dict[str, Path], budget: str) -> str:
     rows += [(label, "immunized", card_dir) for label, card_dir in cards.items()]
     for label, model, card_dir in rows:
         chosen: dict[str, set[str]] = {}
-        for r in _resistance_rows(card_dir / "confirm.csv", budget, model):
+        for r in _resistance_rows(card_dir / CONFIRM_NAME, budget, model):
             chosen.setdefault(r["family"], set()).add(r["batchnorm"])
         best: dict[tuple[str, str], float] = {}
-        for r in _resistance_rows(card_dir / "trials.csv", budget, model):
+        for r in _resistance_rows(card_dir / TRIALS_NAME, budget, model):
             if not r["pruned_at"] and not r["diverged_at"]:
                 key = (r["family"], r["batchnorm"])
                 best[key] = max(best.get(key, 0.0), float(r["objective"]))
