@@ -133,17 +133,19 @@ def _sentence(
                 f"{name}: harder than on {ref_name} — the target is not reached within "
                 f"{horizon} steps ({ref_name}: {s_ref})."
             )
-        if s_imm <= s_ref and interval is not None and interval[0] > 0:
-            return (  # the same steps to the target, measurably lower on the way
-                f"{name}: **harder** than on {ref_name} on the way — {_steps(s_imm)} to the "
-                f"target ({ref_name} {s_ref}), but a lower worst-case score over the marks."
-            )
-        if s_imm <= s_ref and interval is not None and interval[1] < 0:
-            return (  # measurably higher over the marks: the benign task got easier
-                f"{name}: **easier** than on {ref_name} — {_steps(s_imm)} to the target "
-                f"({ref_name} {s_ref}), and a higher worst-case score over the marks."
-            )
         if s_imm <= s_ref:
+            low, high = interval if interval is not None else (0.0, 0.0)
+            if low > 0:  # the same steps to the target, measurably lower on the way
+                return (
+                    f"{name}: **harder** than on {ref_name} on the way — {_steps(s_imm)} to "
+                    f"the target ({ref_name} {s_ref}), but a lower worst-case score over the "
+                    "marks."
+                )
+            if high < 0:  # measurably higher over the marks: the benign task got easier
+                return (
+                    f"{name}: **easier** than on {ref_name} — {_steps(s_imm)} to the target "
+                    f"({ref_name} {s_ref}), and a higher worst-case score over the marks."
+                )
             return (
                 f"{name}: as easy as on {ref_name} ({_steps(s_imm)} to the target, "
                 f"{ref_name} {s_ref})."
