@@ -4,7 +4,8 @@ python docs/results/deep-mnist/durable/every-block/summarize.py WORK_DIR
 
 screen.md: the D_P rule's selection (every λ fitted, seed 1), then each carded run's advantage
 removed against θ_0 and against its control, and the screen's score (PROTOCOL.md: the smallest
-advantage removed over the three fine-tuning families at the goal's budget).
+advantage removed over the three fine-tuning families at the goal's budget); once a candidate
+has confirmation cards (seeds 2 and 3), its seeds side by side and how many meet the goal.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lightning_immunize.attacks.comparison import (
     GOAL_FAMILIES,
     CardRun,
     collect_card,
+    comparison_markdown,
     load_card_run,
     runs_markdown,
 )
@@ -159,6 +161,15 @@ def main(work: Path) -> None:
             "(recalibrate / keep):\n"
         )
         parts.append(batchnorm_markdown(card_dirs, budget))
+        confirmed = {r.method for r in runs if r.seed > 1}
+        if confirmed:
+            parts.append(f"## The confirmation: seeds 1–3 at n = {budget}\n")
+            parts.append(
+                "Per candidate, mean ± sd over its carded seeds (advantage removed against θ_0), "
+                "and the runs that meet the goal:\n"
+            )
+            parts.append(comparison_markdown([r for r in runs if r.method in confirmed],
+                                             budget, FAMILIES))  # fmt: skip
         for other in (b for b in runs[0].card["resistance"] if b != budget):
             parts.append(f"## n = {other}\n")
             parts.append(runs_markdown(runs, other, FAMILIES))
